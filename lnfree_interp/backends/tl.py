@@ -1,0 +1,187 @@
+"""Backend and builders for TransformerLens: ``HookedTransformer`` (TL 3.x) and ``TransformerBridge``.
+
+Both expose the same hook names, so one backend class serves both; they differ in how they are
+built from the folded weights:
+
+* ``HookedTransformer``: a config written from the GPT-2 config (never ``from_pretrained("gpt2")``,
+  which fetches the Hub config and overwrites eps), parameters created empty, then our folded
+  weights assigned without a copy. TL's own ``process_weights_`` is never run: it works in
+  float32 and would cut float64 exactness.
+* ``TransformerBridge``: ``build_bridge_from_module`` around the folded HF model (offline, shares its
+  storage), with ``cfg.normalization_type`` set before the blocks copy the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from importlib.metadata import version
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor, nn
+
+from ..errors import LNFreeError
+from . import Backend, HookFn, Weights
+
+
+def tl_major() -> int:
+    """Major version of the installed transformer-lens."""
+    return int(version("transformer-lens").split(".")[0])
+
+
+def has_hooked_transformer() -> bool:
+    return tl_major() < 4
+
+
+def detect(model: object) -> Backend | None:
+    if has_hooked_transformer():
+        from transformer_lens import HookedTransformer
+
+        if isinstance(model, HookedTransformer):
+            return TLBackend(model, "hooked")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(model, TransformerBridge):
+        return TLBackend(model, "bridge")
+    return None
+
+
+class TLBackend(Backend):
+    def __init__(self, model: Any, name: str):
+        super().__init__(model, model)
+        self.tl = model
+        self.name = name
+        cfg = model.cfg
+        self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
+        self.d_head, self.d_mlp, self.d_vocab, self.n_ctx = cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx
+        norm = cfg.normalization_type
+        if norm not in (None, "LNPre"):
+            raise LNFreeError(
+                f"This TransformerLens model has normalization_type={norm!r}; attribution needs the "
+                "final LayerNorm folded (None for LN-free models, 'LNPre' for LN baselines). Load it "
+                "with lnfree_interp.load_hooked (or TL's from_pretrained with fold_ln=True).")
+        self.lnfree = norm is None
+        self.eps = float(cfg.eps)
+        self.tokenizer = getattr(model, "tokenizer", None)
+
+    def weights(self) -> Weights:
+        m = self.tl
+        if self.name == "bridge":
+            blocks = m.blocks
+            W_O = torch.stack([b.attn.o.original_component.weight for b in blocks])
+            b_O = torch.stack([b.attn.o.original_component.bias for b in blocks])
+            W_out = torch.stack([b.mlp.out.original_component.weight for b in blocks])
+            b_out = torch.stack([b.mlp.out.original_component.bias for b in blocks])
+            lm_head = m.unembed.original_component
+            return Weights(W_O.view(self.n_layers, self.n_heads, self.d_head, self.d_model), b_O, W_out, b_out,
+                           lm_head.weight.T, lm_head.bias)
+        return Weights(m.W_O, m.b_O, m.W_out, m.b_out, m.W_U, m.b_U)
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.tl(tokens, attention_mask=attention_mask, return_type="logits")
+
+    @contextlib.contextmanager
+    def hooks(self, fns: dict[str, HookFn]) -> Iterator[None]:
+        self.check_names(fns)
+        fwd = [(name, lambda act, hook, fn=fn: fn(act)) for name, fn in fns.items()]
+        with self.tl.hooks(fwd_hooks=fwd):
+            yield
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+def tl_state_dict(sd: dict[str, Tensor], n_layers: int, n_heads: int) -> dict[str, Tensor]:
+    """HF GPT-2 (folded) state dict -> HookedTransformer state dict, as views (no copies).
+
+    Mirrors ``transformer_lens.pretrained.weight_conversions.gpt2.convert_gpt2_weights`` for a model
+    whose LayerNorms are gone (that function reads ``ln_*.weight`` and cannot).
+    """
+    out = {"embed.W_E": sd["transformer.wte.weight"], "pos_embed.W_pos": sd["transformer.wpe.weight"],
+           "unembed.W_U": sd["lm_head.weight"].T, "unembed.b_U": sd["lm_head.bias"]}
+    for layer in range(n_layers):
+        p, q = f"transformer.h.{layer}", f"blocks.{layer}"
+        d_model = sd[f"{p}.attn.c_attn.weight"].shape[0]
+        for name, W in zip("QKV", sd[f"{p}.attn.c_attn.weight"].split(d_model, dim=1)):
+            out[f"{q}.attn.W_{name}"] = einops.rearrange(W, "m (i h) -> i m h", i=n_heads)
+        for name, b in zip("QKV", sd[f"{p}.attn.c_attn.bias"].view(3, n_heads, -1)):
+            out[f"{q}.attn.b_{name}"] = b
+        out[f"{q}.attn.W_O"] = einops.rearrange(sd[f"{p}.attn.c_proj.weight"], "(i h) m -> i h m", i=n_heads)
+        out[f"{q}.attn.b_O"] = sd[f"{p}.attn.c_proj.bias"]
+        out[f"{q}.mlp.W_in"] = sd[f"{p}.mlp.c_fc.weight"]
+        out[f"{q}.mlp.b_in"] = sd[f"{p}.mlp.c_fc.bias"]
+        out[f"{q}.mlp.W_out"] = sd[f"{p}.mlp.c_proj.weight"]
+        out[f"{q}.mlp.b_out"] = sd[f"{p}.mlp.c_proj.bias"]
+    return out
+
+
+def tl_ready_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` TransformerLens accepts (it needs ``name_or_path``); None passes."""
+    if tokenizer is None:
+        return None
+    tok = copy.deepcopy(tokenizer)  # TL and nnsight both modify the tokenizer they get
+    tok.init_kwargs.setdefault("name_or_path", getattr(tok, "name_or_path", "") or "lnfree_interp")
+    return tok
+
+
+def require_hooked() -> None:
+    """Raise unless the installed TransformerLens still has ``HookedTransformer`` (TL < 4)."""
+    if not has_hooked_transformer():
+        raise LNFreeError(
+            f"HookedTransformer was removed in TransformerLens 4.0 (installed: {version('transformer-lens')}). "
+            "Use backend='bridge' (TransformerBridge), or install transformer-lens>=3.9,<4.")
+
+
+def build_hooked(config: Any, sd: dict[str, Tensor], *, lnfree: bool, tokenizer: Any,
+                 prepend_bos: bool, model_name: str) -> Any:
+    """A ``HookedTransformer`` holding the folded weights ``sd`` (HF naming), TL 3.x only."""
+    require_hooked()
+    import warnings
+
+    from accelerate import init_empty_weights
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    W_E = sd["transformer.wte.weight"]
+    cfg = HookedTransformerConfig(
+        model_name=model_name, n_layers=config.n_layer, d_model=config.n_embd, n_ctx=config.n_positions,
+        n_heads=config.n_head, d_head=config.n_embd // config.n_head, d_mlp=config.n_inner or 4 * config.n_embd,
+        d_vocab=config.vocab_size, act_fn=config.activation_function, eps=config.layer_norm_epsilon,
+        normalization_type=None if lnfree else "LNPre", positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel", default_prepend_bos=prepend_bos, dtype=W_E.dtype,
+        device=str(W_E.device), init_weights=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "HookedTransformer is deprecated" (TL 3.9)
+        with init_empty_weights(include_buffers=False):
+            model = HookedTransformer(cfg, tokenizer=tl_ready_tokenizer(tokenizer), move_to_device=False)
+    missing, unexpected = model.load_state_dict(tl_state_dict(sd, cfg.n_layers, cfg.n_heads), strict=False,
+                                                assign=True)
+    missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
+    if missing or unexpected:  # pragma: no cover - the conversion writes exactly these keys
+        raise LNFreeError(f"Internal error building HookedTransformer: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def build_bridge(hf_model: nn.Module, *, lnfree: bool, tokenizer: Any, prepend_bos: bool,
+                 model_name: str) -> Any:
+    """A ``TransformerBridge`` around ``hf_model`` (folded, ours: the bridge rewires it in place)."""
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    def configure(adapter: Any) -> None:
+        # GPT2's adapter sets normalization_type="LN"; each block deep-copies cfg after this hook,
+        # so set it here. layer_norm_folding routes NormalizationBridge through the HF module,
+        # which passes nn.Identity through (and runs the weight-1 LayerNorm of a baseline).
+        adapter.cfg.normalization_type = None if lnfree else "LNPre"
+        adapter.cfg.layer_norm_folding = True
+        adapter.cfg.default_prepend_bos = prepend_bos
+
+    bridge = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=hf_model.config,
+                                      tokenizer=tl_ready_tokenizer(tokenizer), post_adapter_hook=configure,
+                                      model_name=model_name)
+    bridge.cfg.default_prepend_bos = prepend_bos
+    return bridge.eval()

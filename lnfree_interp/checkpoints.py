@@ -1,0 +1,421 @@
+"""Checkpoint sources, the registry of known checkpoints, and :func:`inspect_checkpoint`.
+
+A *source* is a Hub id (read through the normal Hugging Face cache, so it works offline once
+cached), a registry alias, a local directory, or an in-memory ``GPT2LMHeadModel``. Weights are read
+lazily from safetensors (or ``torch.load(weights_only=True)`` for legacy ``.bin`` files); nothing
+from a checkpoint is ever executed (no ``trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from .errors import LNFreeError
+from .fold import LNState, classify_layernorms, detect_encoding, ln_names
+
+#: Where the embedded tiny-shakespeare models live.
+EMBEDDED_DIR = Path(__file__).parent / "models"
+#: ``config.lnfree_interp`` marker written on models this library folded (encoding 4).
+FOLDED_MARKER = "lnfree_interp"
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    """One checkpoint of the LN-free GPT-2 family, its twins and baselines.
+
+    ``losses`` are mean cross-entropies in nats as reported on the model cards (schaeff cards,
+    arXiv 2507.02559 Table 1): ``owt`` = OpenWebText validation (4.5M tokens), ``pile`` = The Pile,
+    ``pile_filtered`` = The Pile filtered (10.2M tokens each). For the embedded models they are the
+    held-out tiny-shakespeare loss measured by ``scripts/build_tiny_models.py``.
+    """
+
+    name: str  #: Hub id, or the embedded model's name
+    aliases: tuple[str, ...]
+    size: str  #: small / medium / large / xl / tiny
+    kind: str  #: "lnfree", "vanilla" (fine-tuned with LN, the control) or "original"
+    base_model: str | None
+    ft_steps: int | None  #: fine-tuning iterations (0.5M tokens each for schaeff)
+    losses: Mapping[str, float | None] = field(default_factory=dict)
+    tokenizer_repo: str | None = None  #: where the tokenizer lives if not beside the weights
+    embedded: bool = False
+
+    @property
+    def lnfree(self) -> bool:
+        return self.kind == "lnfree"
+
+
+def _card(owt: float | None, pile: float | None, pile_f: float | None) -> dict[str, float | None]:
+    return {"owt": owt, "pile": pile, "pile_filtered": pile_f}
+
+
+_GPT2 = {"small": "openai-community/gpt2", "medium": "openai-community/gpt2-medium",
+         "large": "openai-community/gpt2-large", "xl": "openai-community/gpt2-xl"}
+_STEPS = {"small": 300, "medium": 500, "large": 600, "xl": 800}
+# Model-card table (schaeff/gpt2-*_LNFree*, *_vanilla*): (original, vanilla, LN-free) x (OWT, Pile, Pile-filtered).
+_LOSSES = {
+    "small": (_card(3.1006, 2.8450, 2.7899), _card(3.0126, 2.8511, 2.8112), _card(3.0797, 2.8852, 2.8757)),
+    "medium": (_card(2.8145, 2.5163, 2.5390), _card(2.7390, 2.5752, 2.5724), _card(2.7642, 2.6579, 2.6352)),
+    "large": (_card(2.6623, 2.5320, 2.4347), _card(2.6240, 2.6233, 2.5074), _card(2.6384, 2.7504, 2.5159)),
+    # XL LN-free on The Pile: mean 130.2 from rare-token outliers (median 1.09, paper section 4).
+    "xl": (_card(2.5567, 2.4436, 2.3739), _card(2.4799, 2.4673, 2.3821), _card(2.5052, 130.2197, None)),
+}
+
+
+def _build_registry() -> tuple[KnownCheckpoint, ...]:
+    out = []
+    for size, base in _GPT2.items():
+        orig, van, free = _LOSSES[size]
+        steps = _STEPS[size]
+        short = base.split("/")[1]
+        out.append(KnownCheckpoint(base, (short, f"gpt2-{size}") if size == "small" else (short,),
+                                   size, "original", None, 0, orig))
+        out.append(KnownCheckpoint(f"schaeff/gpt2-{size}_vanilla{steps}", (f"gpt2-{size}-vanilla",),
+                                   size, "vanilla", base, steps, van, tokenizer_repo=base))
+        out.append(KnownCheckpoint(f"schaeff/gpt2-{size}_LNFree{steps}", (f"gpt2-{size}-lnfree",),
+                                   size, "lnfree", base, steps, free, tokenizer_repo=base))
+    out.append(KnownCheckpoint("apollo-research/gpt2_noLN", ("gpt2-noln", "apollo-gpt2-noln"), "small",
+                               "lnfree", "openai-community/gpt2", 1000, {}, tokenizer_repo="openai-community/gpt2"))
+    out += _embedded_entries()
+    return tuple(out)
+
+
+def _embedded_entries() -> list[KnownCheckpoint]:
+    """The tiny-shakespeare trio shipped in ``lnfree_interp/models`` (see their model cards)."""
+    out = []
+    for name, kind in (("tiny-shakespeare", "original"), ("tiny-shakespeare-vanilla", "vanilla"),
+                       ("tiny-shakespeare-lnfree", "lnfree")):
+        meta_file = EMBEDDED_DIR / name / "lnfree_meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        out.append(KnownCheckpoint(name, (), "tiny", kind, None if kind == "original" else "tiny-shakespeare",
+                                   meta.get("ft_steps"), {"shakespeare_heldout": meta.get("heldout_loss")},
+                                   embedded=True))
+    return out
+
+
+REGISTRY: tuple[KnownCheckpoint, ...] = _build_registry()
+
+
+def lookup(name: str) -> KnownCheckpoint | None:
+    """The registry entry for a Hub id or alias (case-insensitive), or ``None``."""
+    key = name.strip().lower()
+    for entry in REGISTRY:
+        if key == entry.name.lower() or key in (a.lower() for a in entry.aliases):
+            return entry
+    return None
+
+
+def list_checkpoints():
+    """The registry as a ``pandas.DataFrame``: one row per known checkpoint.
+
+    Columns: ``name`` (Hub id or embedded name), ``aliases``, ``size``, ``kind`` (lnfree / vanilla /
+    original), ``base_model``, ``ft_steps``, and the losses reported on the model cards in nats
+    (``loss_owt``, ``loss_pile``, ``loss_pile_filtered``; ``loss_shakespeare_heldout`` for the embedded
+    models), ``embedded`` (ships with the package, works offline).
+    """
+    import pandas as pd
+
+    rows = []
+    for e in REGISTRY:
+        row = {"name": e.name, "aliases": ", ".join(e.aliases), "size": e.size, "kind": e.kind,
+               "base_model": e.base_model, "ft_steps": e.ft_steps, "embedded": e.embedded}
+        row.update({f"loss_{k}": v for k, v in e.losses.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+SourceLike = Union[str, os.PathLike, "torch.nn.Module"]
+
+_OLD_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
+
+
+def _hf_key(key: str) -> str:
+    """Normalise a GPT-2 checkpoint key to ``GPT2LMHeadModel`` naming (gpt2's files lack the prefix)."""
+    return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+
+
+class _LazyWeights(Mapping):
+    """Read-only mapping over checkpoint files; tensors are read on access."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles: list[Any] = []
+        self._where: dict[str, tuple[Any, str]] = {}
+        for f in files:
+            try:
+                if f.suffix == ".safetensors":
+                    h = safe_open(str(f), framework="pt")
+                    self._handles.append(h)
+                    items = [(k, (h, k)) for k in h.keys()]
+                else:
+                    sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                    items = [(k, (sd, k)) for k in sd]
+            except Exception as err:  # safetensors raises its own error type
+                raise LNFreeError(f"Cannot read weight file {f}: {err}. The file is corrupt or "
+                                  "incomplete; download it again.") from err
+            for k, where in items:
+                if not _OLD_BUFFERS.search(k):
+                    self._where[_hf_key(k)] = where
+
+    def __getitem__(self, key: str) -> Tensor:
+        try:
+            handle, k = self._where[key]
+        except KeyError:
+            raise KeyError(key) from None
+        return handle.get_tensor(k) if hasattr(handle, "get_tensor") else handle[k]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._where.clear()
+
+
+@dataclass
+class Source:
+    """A resolved checkpoint: config, lazily-read weights and where the tokenizer lives."""
+
+    label: str
+    config: Any  #: transformers.GPT2Config
+    state_dict: Mapping[str, Tensor]
+    module_eps: dict[str, float]
+    owned: bool  #: the tensors belong to us (False for a user's in-memory model)
+    directory: Path | None = None
+    known: KnownCheckpoint | None = None
+    tokenizer: Any = None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.n_layer)
+
+    def close(self) -> None:
+        if isinstance(self.state_dict, _LazyWeights):
+            self.state_dict.close()
+
+
+def _check_config(config: Any, label: str) -> None:
+    from transformers import GPT2Config
+
+    if not isinstance(config, GPT2Config) or getattr(config, "model_type", None) != "gpt2":
+        arch = getattr(config, "model_type", type(config).__name__)
+        raise LNFreeError(f"{label} is a {arch!r} model; lnfree_interp supports GPT-2 "
+                          "(GPT2LMHeadModel) checkpoints only.")
+    unsupported = {
+        "scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True, "scale_attn_weights": False,
+    }
+    bad = [k for k, v in unsupported.items() if getattr(config, k, not v) == v]
+    if bad:
+        raise LNFreeError(f"{label} uses GPT-2 options TransformerLens cannot represent: {bad}.")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (directory / s).exists()]
+            if missing:
+                raise LNFreeError(f"{directory} is missing weight shards {missing}; download them again.")
+            return [directory / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return [directory / name]
+    raise LNFreeError(f"No weight file in {directory}: expected model.safetensors (or pytorch_model.bin). "
+                      "Save the model with model.save_pretrained(directory).")
+
+
+def _download(repo_id: str) -> Path:
+    """Snapshot of a Hub repo through the HF cache (works offline once cached)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*.json",
+                "vocab.json", "merges.txt", "special_tokens_map.json", "generation_config.json"]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not list(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin*"]))
+    except Exception as err:  # huggingface_hub raises several error types (offline, 404, network)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        raise LNFreeError(
+            f"Cannot get {repo_id!r} from the Hugging Face Hub"
+            + (" (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else "")
+            + f": {type(err).__name__}. Download it where the Hub is reachable "
+            f"(`hf download {repo_id} --local-dir DIR`) and pass the local directory path instead."
+        ) from err
+    return path
+
+
+def resolve(src: SourceLike) -> Source:
+    """Resolve a Hub id / alias / local directory / in-memory ``GPT2LMHeadModel``.
+
+    Raises:
+        LNFreeError: unknown name, missing or corrupt files, non-GPT-2 architecture, Hub id not
+            reachable or cached.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if isinstance(src, torch.nn.Module):
+        if not isinstance(src, GPT2LMHeadModel):
+            raise LNFreeError(
+                f"Got a {type(src).__name__}; pass a transformers GPT2LMHeadModel (or a Hub id or "
+                "directory). lnfree_interp supports GPT-2 checkpoints only.")
+        _check_config(src.config, "the model")
+        eps = {}
+        for name in ln_names(src.config.n_layer):
+            module = src.get_submodule(name)
+            eps[name] = float(getattr(module, "eps", src.config.layer_norm_epsilon))
+        return Source("in-memory GPT2LMHeadModel", src.config, src.state_dict(keep_vars=False), eps,
+                      owned=False)
+
+    text = os.fspath(src)
+    path = Path(text).expanduser()
+    known = None
+    if not path.exists():
+        known = lookup(text)
+        if known is not None and known.embedded:
+            path = EMBEDDED_DIR / known.name
+            if not path.exists():
+                raise LNFreeError(f"The embedded model {known.name!r} is not installed at {path}; "
+                                  "reinstall lnfree_interp or run scripts/build_tiny_models.py.")
+        elif known is not None or re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
+            path = _download(known.name if known else text)
+        else:
+            raise LNFreeError(
+                f"{text!r} is not a directory, a known checkpoint name (see list_checkpoints()) or a "
+                "Hub id of the form owner/name.")
+    if not path.is_dir():
+        raise LNFreeError(f"{path} is a file; pass the checkpoint directory (with config.json).")
+    if not (path / "config.json").exists():
+        raise LNFreeError(f"No config.json in {path}; is it a Hugging Face checkpoint directory?")
+    try:
+        config = GPT2Config.from_pretrained(str(path))
+    except Exception as err:
+        raw = json.loads((path / "config.json").read_text())
+        raise LNFreeError(f"{path} holds a {raw.get('model_type', 'unknown')!r} model; lnfree_interp "
+                          "supports GPT-2 (GPT2LMHeadModel) checkpoints only.") from err
+    _check_config(config, str(path))
+    weights = _LazyWeights(_weight_files(path))
+    eps = {name: float(config.layer_norm_epsilon) for name in ln_names(config.n_layer)}
+    known = known or lookup(text)
+    return Source(known.name if known else str(path), config, weights, eps, owned=True, directory=path,
+                  known=known)
+
+
+# --------------------------------------------------------------------------------------------
+# inspect_checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`inspect_checkpoint` found. ``encoding`` is one of:
+
+    * ``"schaeff"`` - LN-free, every LN hacked (eps 1e12, weight gamma*1e6/s, bias beta);
+    * ``"apollo"`` - LN-free, ``ln_1``/``ln_2`` weight exactly sqrt(eps) and bias 0, ``ln_f`` hacked;
+    * ``"layernorm"`` - a standard GPT-2 with real LayerNorm (a baseline);
+    * ``"folded"`` - saved by this library after folding (identity LNs).
+    """
+
+    source: str
+    encoding: str
+    lnfree: bool
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    eps: float  #: config.layer_norm_epsilon
+    ln_eps: Mapping[str, float]  #: eps of each LN module
+    ln_weight_scale: Mapping[str, float]  #: median |weight| of each LN
+    known: KnownCheckpoint | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"source      {self.source}",
+            f"encoding    {self.encoding} ({'LN-free' if self.lnfree else 'with LayerNorm'})",
+            f"sizes       n_layers={self.n_layers} n_heads={self.n_heads} d_model={self.d_model} "
+            f"d_mlp={self.d_mlp} d_vocab={self.d_vocab} n_ctx={self.n_ctx}",
+            f"eps         config {self.eps:g}; modules {sorted(set(self.ln_eps.values()))}",
+        ]
+        if self.ln_weight_scale:
+            vals = list(self.ln_weight_scale.values())
+            lines.append(f"LN weights  median|w| from {min(vals):.4g} to {max(vals):.4g} "
+                         f"(gain w/sqrt(eps) from {min(vals) / math.sqrt(max(self.eps, 1e-30)):.3g})")
+        if self.known:
+            k = self.known
+            losses = ", ".join(f"{d} {v:.4f}" for d, v in k.losses.items() if v is not None)
+            lines.append(f"registry    {k.name}: {k.kind}, size {k.size}, base {k.base_model}, "
+                         f"ft_steps {k.ft_steps}" + (f"; reported loss {losses}" if losses else ""))
+        return "\n".join(lines)
+
+
+def _analyse(source: Source) -> tuple[str, list[LNState] | None]:
+    """(encoding, classified LNs or None for folded) of a resolved source."""
+    sd = source.state_dict
+    marker = getattr(source.config, FOLDED_MARKER, None)
+    has_ln = "transformer.ln_f.weight" in sd
+    if not has_ln:
+        if marker is None and "lm_head.bias" not in sd:
+            raise LNFreeError(f"{source.label} has no LayerNorm weights (transformer.ln_f.weight) and is "
+                              "not a checkpoint folded by lnfree_interp; the weight file is incomplete.")
+        return "folded", None
+    try:
+        lns = classify_layernorms(sd, source.n_layers, source.module_eps)
+    except KeyError as err:
+        raise LNFreeError(f"{source.label} is missing weight {err.args[0]!r}; the checkpoint is incomplete "
+                          "or not a GPT-2.") from err
+    return detect_encoding(lns, sd), lns
+
+
+def inspect_checkpoint(src: SourceLike) -> CheckpointInfo:
+    """Detect a checkpoint's encoding and sizes without building a model.
+
+    Reads ``config.json`` and the LayerNorm weights only.
+
+    Args:
+        src: Hub id or alias (see :func:`list_checkpoints`), local directory, or in-memory
+            ``GPT2LMHeadModel``.
+
+    Returns:
+        :class:`CheckpointInfo` (encoding, sizes, eps values, per-LN weight scale, LN-free or not).
+
+    Raises:
+        LNFreeError: unreadable / non-GPT-2 / half-hacked checkpoints, Hub ids not cached offline.
+    """
+    source = resolve(src)
+    try:
+        encoding, lns = _analyse(source)
+        c = source.config
+        return CheckpointInfo(
+            source=source.label, encoding=encoding, lnfree=encoding != "layernorm",
+            n_layers=c.n_layer, n_heads=c.n_head, d_model=c.n_embd, d_mlp=c.n_inner or 4 * c.n_embd,
+            d_vocab=c.vocab_size, n_ctx=c.n_positions, eps=float(c.layer_norm_epsilon),
+            ln_eps=dict(source.module_eps) if lns is not None else {},
+            ln_weight_scale={ln.name: ln.weight_scale for ln in lns} if lns is not None else {},
+            known=source.known,
+        )
+    finally:
+        source.close()

@@ -1,0 +1,173 @@
+"""Turning user inputs (strings, token tensors, tokenizer batches, answers) into tensors.
+
+One tokenization for every backend: a string becomes ``tokenizer(text)["input_ids"]`` (GPT-2's
+tokenizer adds no BOS), plus a BOS in front only for TransformerLens models whose
+``cfg.default_prepend_bos`` is set. Batches are right-padded with an attention mask; every position
+argument is resolved per prompt against the mask, so ``pos=-1`` is each prompt's last real token for
+left and right padding alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .errors import LNFreeError
+
+
+def get_tokenizer(model: Any) -> Any:
+    for obj in (model, getattr(model, "_module", None)):
+        tok = getattr(obj, "tokenizer", None)
+        if tok is not None:
+            return tok
+    return None
+
+
+def _prepend_bos(model: Any) -> bool:
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "_module", None), "cfg", None)
+    return bool(getattr(cfg, "default_prepend_bos", False))
+
+
+def tokenize(model: Any, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token ids and attention mask (right-padded) for ``texts``.
+
+    Raises:
+        LNFreeError: the model has no tokenizer, or a text is empty.
+    """
+    tok = get_tokenizer(model)
+    if tok is None:
+        raise LNFreeError("This model has no tokenizer, so it cannot take strings; pass token ids "
+                          "[batch, pos], or load it with tokenizer=....")
+    bos = [tok.bos_token_id] if _prepend_bos(model) and tok.bos_token_id is not None else []
+    rows = [bos + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for t, r in zip(texts, rows):
+        if not r:
+            raise LNFreeError(f"Text {t!r} has no tokens.")
+    return pad(rows)
+
+
+def pad(rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return tokens, mask
+
+
+def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(tokens [batch, pos], attention_mask [batch, pos])`` on the model's device, validated.
+
+    ``inputs``: a string, a list of strings, token ids ``[pos]`` / ``[batch, pos]``, or a tokenizer
+    batch (a mapping with ``input_ids`` and optionally ``attention_mask``).
+
+    Raises:
+        LNFreeError: empty inputs, token ids outside ``[0, d_vocab)``, sequences longer than
+            ``n_ctx``, a mask of the wrong shape.
+    """
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise LNFreeError("A tokenizer batch must contain 'input_ids'.")
+        attention_mask = inputs.get("attention_mask", attention_mask)
+        inputs = inputs["input_ids"]
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+        raise LNFreeError("Empty inputs: pass at least one prompt.")
+    if isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs):
+        if attention_mask is not None:
+            raise LNFreeError("attention_mask is only meaningful with token ids, not strings.")
+        tokens, mask = tokenize(backend.model, list(inputs))
+    else:
+        try:
+            tokens = torch.as_tensor(inputs)
+        except (TypeError, ValueError) as err:
+            raise LNFreeError(f"Cannot read inputs of type {type(inputs).__name__}: pass strings or token "
+                              "ids [batch, pos].") from err
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise LNFreeError(f"Token ids must be integers, got {tokens.dtype}.")
+        tokens = tokens.long()
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.numel() == 0:
+            raise LNFreeError(f"Token ids must have shape [batch, pos] with both > 0, got {tuple(tokens.shape)}.")
+        if attention_mask is None:
+            mask = torch.ones_like(tokens)
+        else:
+            mask = torch.as_tensor(attention_mask).long()
+            if mask.ndim == 1:
+                mask = mask[None]
+            if mask.shape != tokens.shape:
+                raise LNFreeError(f"attention_mask has shape {tuple(mask.shape)} but tokens {tuple(tokens.shape)}.")
+            if bool((mask.sum(-1) == 0).any()):
+                raise LNFreeError("A prompt's attention_mask is all zeros (no real tokens).")
+    real = tokens[mask.bool()]
+    if bool((real < 0).any()) or bool((real >= backend.d_vocab).any()):
+        bad = real[(real < 0) | (real >= backend.d_vocab)][:5].tolist()
+        raise LNFreeError(f"Token ids {bad} are outside the vocabulary [0, {backend.d_vocab}).")
+    if tokens.shape[1] > backend.n_ctx:
+        raise LNFreeError(f"Sequence length {tokens.shape[1]} exceeds the model's context n_ctx={backend.n_ctx}; "
+                          "truncate the prompts.")
+    tokens = tokens.masked_fill(~mask.bool(), 0)  # padding ids are arbitrary: make them valid
+    return tokens.to(backend.device), mask.to(backend.device)
+
+
+def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
+    """Resolve ``pos`` (int or one int per prompt; negative counts from each prompt's last real
+    token) to absolute indices ``[batch]``.
+
+    Raises:
+        LNFreeError: a position outside a prompt's real tokens, or the wrong number of positions.
+    """
+    batch = mask.shape[0]
+    pos_t = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
+    if pos_t.numel() == 1:
+        pos_t = pos_t.expand(batch)
+    if pos_t.numel() != batch:
+        raise LNFreeError(f"Got {pos_t.numel()} positions for {batch} prompts; pass one int or one per prompt.")
+    pos_t = pos_t.to(mask.device)
+    lengths = mask.sum(-1)
+    real_idx = torch.where(pos_t < 0, lengths + pos_t, pos_t)  # index among real tokens
+    if bool(((real_idx < 0) | (real_idx >= lengths)).any()):
+        raise LNFreeError(f"pos={pos} is outside the prompt(s) (real lengths {lengths.tolist()}).")
+    # map the k-th real token to its column (handles left and right padding)
+    cum = mask.long().cumsum(-1) - 1
+    hit = (cum == real_idx[:, None]) & mask.bool()
+    return hit.float().argmax(-1)
+
+
+def token_ids(backend: Any, token: Any, batch: int, what: str) -> Int[Tensor, "batch"]:
+    """One vocabulary id per prompt from ids or single-token strings.
+
+    Raises:
+        LNFreeError: a string that is not exactly one token (naming the split), an id outside the
+            vocabulary, or a count that is neither 1 nor ``batch``.
+    """
+    items = [token] if isinstance(token, (str, int)) or (torch.is_tensor(token) and token.ndim == 0) else list(token)
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            tok = get_tokenizer(backend.model)
+            if tok is None:
+                raise LNFreeError(f"{what}={item!r} is a string but the model has no tokenizer; pass a token id.")
+            split = tok(item, add_special_tokens=False)["input_ids"]
+            if len(split) != 1:
+                pieces = [tok.decode([i]) for i in split]
+                raise LNFreeError(f"{what}={item!r} is {len(split)} tokens {pieces}, not one. Use a single-token "
+                                  "string (often with a leading space, e.g. ' Mary') or a token id.")
+            ids.append(split[0])
+        else:
+            ids.append(int(item))
+    out = torch.as_tensor(ids, dtype=torch.long)
+    if bool(((out < 0) | (out >= backend.d_vocab)).any()):
+        raise LNFreeError(f"{what} ids {out.tolist()} are outside the vocabulary [0, {backend.d_vocab}).")
+    if out.numel() == 1:
+        out = out.expand(batch)
+    if out.numel() != batch:
+        raise LNFreeError(f"Got {out.numel()} {what} tokens for {batch} prompts; pass one, or one per prompt.")
+    return out.to(backend.device)
