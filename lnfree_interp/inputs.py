@@ -141,6 +141,13 @@ def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
     return hit.float().argmax(-1)
 
 
+def as_list(token: Any) -> list:
+    """A token spec (id, string, or a sequence / 1-D tensor of them) as a list."""
+    if isinstance(token, (str, int)) or (torch.is_tensor(token) and token.ndim == 0):
+        return [token]
+    return list(token.tolist() if torch.is_tensor(token) else token)
+
+
 def token_ids(backend: Any, token: Any, batch: int, what: str) -> Int[Tensor, "batch"]:
     """One vocabulary id per prompt from ids or single-token strings.
 
@@ -148,9 +155,8 @@ def token_ids(backend: Any, token: Any, batch: int, what: str) -> Int[Tensor, "b
         LNFreeError: a string that is not exactly one token (naming the split), an id outside the
             vocabulary, or a count that is neither 1 nor ``batch``.
     """
-    items = [token] if isinstance(token, (str, int)) or (torch.is_tensor(token) and token.ndim == 0) else list(token)
     ids = []
-    for item in items:
+    for item in as_list(token):
         if isinstance(item, str):
             tok = get_tokenizer(backend.model)
             if tok is None:
@@ -163,11 +169,16 @@ def token_ids(backend: Any, token: Any, batch: int, what: str) -> Int[Tensor, "b
             ids.append(split[0])
         else:
             ids.append(int(item))
-    out = torch.as_tensor(ids, dtype=torch.long)
-    if bool(((out < 0) | (out >= backend.d_vocab)).any()):
-        raise LNFreeError(f"{what} ids {out.tolist()} are outside the vocabulary [0, {backend.d_vocab}).")
+    return check_ids(ids, batch, backend.d_vocab, what).to(backend.device)
+
+
+def check_ids(ids: Sequence[int], batch: int, d_vocab: int, what: str) -> Int[Tensor, "batch"]:
+    """``ids`` as one id per prompt, checked against the vocabulary and the batch size."""
+    out = torch.as_tensor(list(ids), dtype=torch.long)
+    if bool(((out < 0) | (out >= d_vocab)).any()):
+        raise LNFreeError(f"{what} ids {out.tolist()} are outside the vocabulary [0, {d_vocab}).")
     if out.numel() == 1:
         out = out.expand(batch)
     if out.numel() != batch:
         raise LNFreeError(f"Got {out.numel()} {what} tokens for {batch} prompts; pass one, or one per prompt.")
-    return out.to(backend.device)
+    return out

@@ -217,15 +217,17 @@ def load_nnsight(
 
     Standard HF module names inside traces (``model.transformer.h[0].attn.c_proj.input``), batching
     across invokes (left-padded by nnsight, positions from the mask), gradients inside traces
-    (``with metric.backward(): g = x.grad.save()``). nnsight's ``TransformersModel`` needs a tokenizer.
+    (``with metric.backward(): g = x.grad.save()``).
 
     Args: as :func:`load_hf`.
 
     Returns:
-        ``nnsight.TransformersModel``.
+        ``nnsight.TransformersModel``; for a checkpoint without a tokenizer (which ``TransformersModel``
+        requires), a :class:`lnfree_interp.backends.nnsight.BatchedNNsight` over the same HF model that
+        batches token-id invokes.
 
     Raises:
-        LNFreeError: as :func:`load_hf`; no tokenizer available (use :func:`load_unified` for token ids).
+        LNFreeError: as :func:`load_hf`.
     """
     from .backends.nnsight import build_transformers_model
 

@@ -129,7 +129,7 @@ def get_backend(model: object) -> Backend:
     if "nnsight" in sys.modules:
         import nnsight
 
-        if isinstance(model, nnsight.NNsight):
+        if isinstance(model, nnsight.Envoy) and isinstance(getattr(model, "_module", None), torch.nn.Module):
             inner = model._module
             backend = get_backend(inner)
             backend.model = model

@@ -19,29 +19,27 @@ import nnsight
 import torch
 from torch import Tensor
 
-from ..errors import LNFreeError
 
 
 def build_transformers_model(hf_model: torch.nn.Module, tokenizer: Any) -> Any:
-    """``nnsight.TransformersModel`` over ``hf_model`` (a copy of ``tokenizer``: nnsight edits it)."""
+    """``nnsight.TransformersModel`` over ``hf_model`` (given a copy of ``tokenizer``: nnsight edits
+    it); without a tokenizer, which ``TransformersModel`` cannot do without, a :class:`BatchedNNsight`
+    that batches token-id invokes."""
     if tokenizer is None:
-        raise LNFreeError(
-            "nnsight's TransformersModel needs a tokenizer and none was found beside the checkpoint. "
-            "Pass tokenizer=AutoTokenizer.from_pretrained(...) (e.g. 'openai-community/gpt2'), or use "
-            "load_unified(src), whose model also runs on token ids alone.")
+        return BatchedNNsight(hf_model)
     model = nnsight.TransformersModel(hf_model, tokenizer=copy.deepcopy(tokenizer))
     model._module.tokenizer = model.tokenizer
     return model
 
 
-class UnifiedModel(nnsight.NNsight):
-    """nnsight over a TransformerLens model, with batching across invokes.
+class BatchedNNsight(nnsight.NNsight):
+    """An ``nnsight.NNsight`` whose invokes batch together (nnsight's generic class cannot).
 
-    The successor of nnsight's removed ``UnifiedTransformer``. Each invoke takes a string, a list
-    of strings, or token ids ``[pos]`` / ``[batch, pos]``; invokes are right-padded into one batch
-    with an attention mask (right padding leaves real tokens' positions and causal attention
-    unchanged). Strings are tokenized with the model's tokenizer exactly as the rest of
-    lnfree_interp does (``prepend_bos`` as set at load time).
+    Each invoke takes a string, a list of strings, or token ids ``[pos]`` / ``[batch, pos]``; invokes
+    are right-padded into one batch with an attention mask (right padding leaves the real tokens'
+    positions and causal attention unchanged). Strings are tokenized with the wrapped model's
+    tokenizer as everywhere in lnfree_interp. Over a TransformerLens model this is
+    :class:`UnifiedModel`.
     """
 
     def _rows(self, inputs: tuple) -> list[Tensor]:
@@ -72,6 +70,14 @@ class UnifiedModel(nnsight.NNsight):
         kwargs = dict(invokes[0][1])
         kwargs["attention_mask"] = mask
         return (tokens,), kwargs
+
+
+class UnifiedModel(BatchedNNsight):
+    """nnsight over a TransformerLens model: the successor of nnsight's removed ``UnifiedTransformer``.
+
+    TL hook points by TL name inside traces (``model.blocks[0].attn.hook_z.output``), several invokes
+    per trace (see :class:`BatchedNNsight`).
+    """
 
 
 def build_unified(tl_model: Any) -> UnifiedModel:

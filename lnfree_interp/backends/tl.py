@@ -14,7 +14,7 @@ built from the folded weights:
 from __future__ import annotations
 
 import contextlib
-import copy
+import tempfile
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
@@ -120,13 +120,22 @@ def tl_state_dict(sd: dict[str, Tensor], n_layers: int, n_heads: int) -> dict[st
     return out
 
 
-def tl_ready_tokenizer(tokenizer: Any) -> Any:
-    """A copy of ``tokenizer`` TransformerLens accepts (it needs ``name_or_path``); None passes."""
+@contextlib.contextmanager
+def tl_ready_tokenizer(tokenizer: Any) -> Iterator[Any]:
+    """A copy of ``tokenizer`` that TransformerLens can take.
+
+    TL re-loads every tokenizer from ``name_or_path`` with ``add_bos_token=True``; an in-memory one
+    has no such path (and the Hub may be unreachable), so it is saved to a temporary directory and
+    re-loaded from there for the duration of the build. The user's tokenizer is never modified.
+    """
     if tokenizer is None:
-        return None
-    tok = copy.deepcopy(tokenizer)  # TL and nnsight both modify the tokenizer they get
-    tok.init_kwargs.setdefault("name_or_path", getattr(tok, "name_or_path", "") or "lnfree_interp")
-    return tok
+        yield None
+        return
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="lnfree_tok_") as tmp:
+        tokenizer.save_pretrained(tmp)
+        yield AutoTokenizer.from_pretrained(tmp)
 
 
 def require_hooked() -> None:
@@ -157,8 +166,8 @@ def build_hooked(config: Any, sd: dict[str, Tensor], *, lnfree: bool, tokenizer:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "HookedTransformer is deprecated" (TL 3.9)
-        with init_empty_weights(include_buffers=False):
-            model = HookedTransformer(cfg, tokenizer=tl_ready_tokenizer(tokenizer), move_to_device=False)
+        with init_empty_weights(include_buffers=False), tl_ready_tokenizer(tokenizer) as tok:
+            model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     missing, unexpected = model.load_state_dict(tl_state_dict(sd, cfg.n_layers, cfg.n_heads), strict=False,
                                                 assign=True)
     missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
@@ -180,8 +189,8 @@ def build_bridge(hf_model: nn.Module, *, lnfree: bool, tokenizer: Any, prepend_b
         adapter.cfg.layer_norm_folding = True
         adapter.cfg.default_prepend_bos = prepend_bos
 
-    bridge = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=hf_model.config,
-                                      tokenizer=tl_ready_tokenizer(tokenizer), post_adapter_hook=configure,
-                                      model_name=model_name)
+    with tl_ready_tokenizer(tokenizer) as tok:
+        bridge = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=hf_model.config, tokenizer=tok,
+                                          post_adapter_hook=configure, model_name=model_name)
     bridge.cfg.default_prepend_bos = prepend_bos
     return bridge.eval()

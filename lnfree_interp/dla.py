@@ -1,0 +1,391 @@
+"""Direct logit attribution, the true direct effect, and the comparison of the two.
+
+Notation (per prompt ``b`` at its attributed position): ``r`` the final residual stream
+(``blocks.{L-1}.hook_resid_post``), ``v_c`` component ``c``'s write to it (so ``r = sum_c v_c``), and
+``u = W_U[:, answer] - W_U[:, wrong]`` the logit-difference direction (``W_U[:, answer]`` alone
+without ``wrong``), with ``ln_f`` folded into ``W_U`` and its bias into ``b_U``.
+
+* LN-free model: ``metric = r . u + (b_U[answer] - b_U[wrong])`` is linear in ``r``, so the direct
+  logit attribution ``DLA_c = v_c . u`` *is* the direct effect of ``c``, and the DLA values plus the
+  bias term sum to the metric exactly.
+* LN baseline: ``metric = (C r) . u / s(r) + bias`` with ``C`` the centring and
+  ``s(r) = sqrt(|C r|^2 / d_model + eps)``. DLA freezes ``s`` from the forward pass
+  (``(C v_c) . u / s(r)``, the TransformerLens ``apply_ln_to_stack`` convention): the components
+  still sum to the metric, but each is only an approximation of its direct effect.
+* Direct effect (path patching into the final residual only): ``DE_c = metric(r) - metric(r - du_c)``
+  with ``du_c = v_c - v_c'`` (``v_c'`` the ablated value) and ``s`` recomputed for LN models. Every
+  quantity is a dot product of captured vectors, so all components come from one forward pass
+  (two with a corrupted ablation) - no forward per component.
+
+The paper (arXiv 2507.02559, section 5.1) measures ``100 * mean|DLA - DE| / mean|DE|`` over heads: 49%
+on GPT-2 small, 0% on its LN-free version. :func:`compare_dla_direct_effect` reproduces that figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .backends import Backend, eval_mode, get_backend
+from .errors import LNFreeError
+from .inputs import positions, prepare, token_ids
+from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
+
+By = Literal["head", "layer", "neuron"]
+
+LN_NOTE = ("LN baseline: the final LayerNorm scale is frozen from the forward pass (TransformerLens "
+           "convention), so each value approximates its direct effect; see compare_dla_direct_effect.")
+
+
+@dataclass
+class _Capture:
+    """What one forward pass leaves behind at the attributed positions (``B`` prompts)."""
+
+    metric: Float[Tensor, "batch"]
+    acts: dict[str, Tensor]  #: hook name -> activation at each prompt's position [B, ...]
+    sums: dict[str, Tensor]  #: hook name -> sum over all real tokens (for mean ablation)
+    n_tokens: int
+
+
+def _hook_names(backend: Backend, by: str, layers: list[int]) -> list[str]:
+    names = ["hook_embed", "hook_pos_embed", f"blocks.{backend.n_layers - 1}.hook_resid_post"]
+    for layer in range(backend.n_layers):
+        names.append(f"blocks.{layer}.attn.hook_z" if by == "head" else f"blocks.{layer}.hook_attn_out")
+        names.append(f"blocks.{layer}.mlp.hook_post" if by == "neuron" and layer in layers
+                     else f"blocks.{layer}.hook_mlp_out")
+    return names
+
+
+def _capture(backend: Backend, tokens: Tensor, mask: Tensor, pos: Tensor, names: list[str],
+             answer: Tensor, wrong: Tensor | None, sums: bool = False) -> _Capture:
+    """One no-grad forward, keeping only each hook's activation at ``pos`` (and optionally its sum
+    over real tokens): memory is O(batch * d) per hook, never a full cache."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    acts: dict[str, Tensor] = {}
+    totals: dict[str, Tensor] = {}
+    weight = mask.to(backend.dtype)
+
+    def keep(name: str):
+        def fn(act: Tensor) -> Tensor:
+            acts[name] = act[rows, pos].detach().clone()
+            if sums:
+                totals[name] = torch.einsum("bp...,bp->...", act.detach(), weight.to(act.dtype))
+            return act
+        return fn
+
+    with torch.no_grad(), eval_mode(backend), backend.hooks({n: keep(n) for n in names}):
+        logits = backend.forward(tokens, mask)
+    final = logits[rows, pos]
+    metric = final.gather(1, answer[:, None])[:, 0]
+    if wrong is not None:
+        metric = metric - final.gather(1, wrong[:, None])[:, 0]
+    return _Capture(metric, acts, totals, int(mask.sum()))
+
+
+@dataclass
+class _Components:
+    """Components' writes to the final residual, in factored form.
+
+    ``vectors`` [C, B, d] are materialised; neuron groups are kept as activations [B, N] times
+    rows of ``W_out`` [N, d], so per-neuron work never builds a [neurons, batch, d_model] stack.
+    """
+
+    labels: list[str]
+    vectors: Tensor  # [C, B, d]
+    neuron_labels: list[list[str]]
+    neuron_acts: list[Tensor]  # each [B, N]
+    neuron_W: list[Tensor]  # each [N, d]
+
+
+def _components(backend: Backend, by: str, layers: list[int], acts: dict[str, Tensor],
+                sums: bool = False, count: int = 1) -> _Components:
+    """Assemble the components from captured activations (``sums=True``: from token sums / count)."""
+    w = backend.weights()
+    get = (lambda n: acts[n] / count) if sums else (lambda n: acts[n])
+    first = get("hook_embed")
+    lead = first.shape[:-1]  # [B] or [] for means
+    labels, vecs = ["embed", "pos_embed"], [first, get("hook_pos_embed")]
+    n_labels, n_acts, n_W = [], [], []
+    for layer in range(backend.n_layers):
+        if by == "head":
+            z = get(f"blocks.{layer}.attn.hook_z")  # [B, H, dh]
+            heads = torch.einsum("...hk,hkd->h...d", z, w.W_O[layer])
+            labels += [f"L{layer}H{h}" for h in range(backend.n_heads)] + [f"{layer}_attn_bias"]
+            vecs += list(heads) + [w.b_O[layer].expand(*lead, -1)]
+        else:
+            labels.append(f"{layer}_attn_out")
+            vecs.append(get(f"blocks.{layer}.hook_attn_out"))
+        if by == "neuron" and layer in layers:
+            n_labels.append([f"L{layer}N{n}" for n in range(backend.d_mlp)])
+            n_acts.append(get(f"blocks.{layer}.mlp.hook_post"))
+            n_W.append(w.W_out[layer])
+            labels.append(f"{layer}_mlp_bias")
+            vecs.append(w.b_out[layer].expand(*lead, -1))
+        else:
+            labels.append(f"{layer}_mlp_out")
+            vecs.append(get(f"blocks.{layer}.hook_mlp_out"))
+    return _Components(labels, torch.stack(vecs), n_labels, n_acts, n_W)
+
+
+def _dots(comp: _Components, delta: _Components | None, direction: Tensor, centred_r: Tensor | None):
+    """Per component and prompt: ``a = du . u0`` and, for LN models, ``b = Cr . du``, ``c = |C du|^2``.
+
+    ``du`` is the component itself (``delta=None``) or its change to the ablated value;
+    ``direction`` [B, d] is ``u`` (LN-free) or ``C u``.
+    """
+    vec = comp.vectors if delta is None else comp.vectors - delta.vectors
+    a = [torch.einsum("cbd,bd->cb", vec, direction)]
+    b, c = [], []
+    if centred_r is not None:
+        cvec = vec - vec.mean(-1, keepdim=True)
+        b.append(torch.einsum("cbd,bd->cb", cvec, centred_r))
+        c.append(cvec.pow(2).sum(-1))
+    for i, (act, W) in enumerate(zip(comp.neuron_acts, comp.neuron_W)):
+        dact = (act if delta is None else act - delta.neuron_acts[i]).T  # [N, B]
+        a.append(dact * (W @ direction.T))
+        if centred_r is not None:
+            cW = W - W.mean(-1, keepdim=True)
+            b.append(dact * (cW @ centred_r.T))
+            c.append(dact.pow(2) * cW.pow(2).sum(-1, keepdim=True))
+    cat = lambda xs: torch.cat(xs, 0) if xs else None  # noqa: E731
+    return cat(a), cat(b), cat(c)
+
+
+def _top_k(labels: list[str], values: list[Tensor], k: int | None, comp: _Components) -> tuple[list[str], list[Tensor]]:
+    """Keep the ``k`` neurons with the largest mean |value| (over the first tensor); fold the rest
+    into one ``{l}_mlp_rest`` row per layer so sums stay exact."""
+    n_fixed = len(comp.labels)
+    neuron_labels = [lab for group in comp.neuron_labels for lab in group]
+    if k is None or k >= len(neuron_labels):
+        return labels, values
+    score = values[0][n_fixed:].abs().mean(-1)
+    keep = set(score.topk(k).indices.tolist())
+    out_labels = labels[:n_fixed]
+    keep_idx = [n_fixed + i for i in sorted(keep)]
+    rest_rows = []
+    offset = n_fixed
+    for group in comp.neuron_labels:
+        idx = [offset + i for i in range(len(group)) if (offset - n_fixed + i) not in keep]
+        rest_rows.append((f"{label_layer(group[0])}_mlp_rest", idx))
+        offset += len(group)
+    out_labels = out_labels + [labels[i] for i in keep_idx] + [name for name, _ in rest_rows]
+    out_values = []
+    for v in values:
+        rest = [v[idx].sum(0) if idx else torch.zeros_like(v[0]) for _, idx in rest_rows]
+        out_values.append(torch.cat([v[:n_fixed], v[keep_idx], torch.stack(rest)], 0))
+    return out_labels, out_values
+
+
+def _setup(model: Any, inputs: Any, answer: Any, wrong: Any, pos: Any, attention_mask: Any, by: str,
+           layers: Any):
+    backend = get_backend(model)
+    if by not in ("head", "layer", "neuron"):
+        raise LNFreeError(f"by={by!r}: use 'head', 'layer' or 'neuron'.")
+    tokens, mask = prepare(backend, inputs, attention_mask)
+    batch = tokens.shape[0]
+    pos_idx = positions(pos, mask)
+    answer_ids = token_ids(backend, answer, batch, "answer")
+    wrong_ids = None if wrong is None else token_ids(backend, wrong, batch, "wrong")
+    all_layers = list(range(backend.n_layers))
+    layers = all_layers if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
+    if any(x not in all_layers for x in layers):
+        raise LNFreeError(f"layers={layers}: the model has layers 0..{backend.n_layers - 1}.")
+    w = backend.weights()
+    direction = w.W_U[:, answer_ids].T  # [B, d]
+    bias = w.b_U[answer_ids]
+    if wrong_ids is not None:
+        direction = direction - w.W_U[:, wrong_ids].T
+        bias = bias - w.b_U[wrong_ids]
+    return backend, tokens, mask, pos_idx, answer_ids, wrong_ids, layers, direction, bias
+
+
+def _attribute(*args):
+    with torch.no_grad():
+        return _attribute_impl(*args)
+
+
+def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layers, top_k, ablation, want_dla):
+    backend, tokens, mask, pos_idx, a_ids, w_ids, layers, direction, bias = _setup(
+        model, inputs, answer, wrong, pos, attention_mask, by, layers)
+    names = _hook_names(backend, by, layers)
+    mode = ablation if isinstance(ablation, str) and ablation in ("zero", "mean") else "corrupted"
+    cap = _capture(backend, tokens, mask, pos_idx, names, a_ids, w_ids, sums=(mode == "mean"))
+    comp = _components(backend, by, layers, cap.acts)
+    r = cap.acts[names[2]]
+    centred_r = None if backend.lnfree else r - r.mean(-1, keepdim=True)
+    u0 = direction if backend.lnfree else direction - direction.mean(-1, keepdim=True)
+    d_model = r.shape[-1]
+    if want_dla:
+        a, _, _ = _dots(comp, None, u0, None)
+        scale = backend.final_scale(r)[:, 0]  # [B], ones when LN-free
+        values = a / scale
+        return backend, comp, cap, [values], bias
+    delta = None
+    if mode == "mean":
+        delta = _components(backend, by, layers, cap.sums, sums=True, count=cap.n_tokens)
+        delta.vectors = delta.vectors[:, None].expand(-1, r.shape[0], -1)
+        delta.neuron_acts = [x.expand(r.shape[0], -1) for x in delta.neuron_acts]
+    elif mode == "corrupted":
+        c_tokens, c_mask = prepare(backend, ablation)
+        if c_tokens.shape[0] != tokens.shape[0]:
+            raise LNFreeError(f"ablation inputs have {c_tokens.shape[0]} prompts, the clean inputs {tokens.shape[0]}.")
+        c_cap = _capture(backend, c_tokens, c_mask, positions(pos, c_mask), names, a_ids, w_ids)
+        delta = _components(backend, by, layers, c_cap.acts)
+    a, b, c = _dots(comp, delta, u0, centred_r)
+    if backend.lnfree:
+        return backend, comp, cap, [a], None
+    cr_u = (centred_r * u0).sum(-1)  # [B]
+    cr2 = centred_r.pow(2).sum(-1)
+    before = cr_u / (cr2 / d_model + backend.eps).sqrt()
+    after = (cr_u - a) / ((cr2 - 2 * b + c) / d_model + backend.eps).sqrt()
+    return backend, comp, cap, [before - after], None
+
+
+def direct_logit_attribution(
+    model: Any,
+    inputs: Any,
+    answer: Any,
+    wrong: Any = None,
+    *,
+    pos: int | list[int] = -1,
+    by: By = "head",
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    layers: int | list[int] | None = None,
+    top_k: int | None = None,
+) -> AttributionResult:
+    """Direct logit attribution of ``logit[answer] - logit[wrong]`` (or ``logit[answer]``) to every
+    component's write to the residual stream.
+
+    One forward pass, no activation cache: hooks keep each head's ``z`` (or each layer's output /
+    each neuron's activation) at the attributed position only, and project it onto the answer
+    direction through ``W_O``/``W_out`` and ``W_U`` (TransformerLens's ``stack_head_results`` +
+    ``logit_attrs``, without the cache).
+
+    Args:
+        model: anything the loaders return, or an LN baseline loaded with ``expect_lnfree=False``.
+        inputs: a string, list of strings, token ids ``[batch, pos]``, or a tokenizer batch.
+        answer, wrong: token ids or single-token strings, one shared or one per prompt.
+        pos: attributed position (or one per prompt); negative counts from each prompt's last real
+            token, so ``-1`` is the last real token with left or right padding.
+        by: ``"head"``: ``L{l}H{h}`` plus ``{l}_attn_bias`` and ``{l}_mlp_out``; ``"layer"``:
+            ``{l}_attn_out``, ``{l}_mlp_out``; ``"neuron"``: ``L{l}N{n}`` and ``{l}_mlp_bias`` for the
+            chosen ``layers`` (``{l}_mlp_out`` elsewhere) and ``{l}_attn_out``. Always ``embed`` and
+            ``pos_embed``.
+        attention_mask: ``[batch, pos]`` 1/0 mask for padded token ids.
+        layers: neuron mode: the layers to split into neurons (default all).
+        top_k: neuron mode: keep the ``top_k`` neurons with the largest mean |value|; the others are
+            summed per layer into ``{l}_mlp_rest`` so totals stay exact.
+
+    Returns:
+        :class:`AttributionResult` with ``values [component, batch]`` in logits, ``labels``,
+        ``metric`` (the model's actual metric), ``bias`` (``b_U[answer] - b_U[wrong]``, ``ln_f`` bias
+        folded). ``values.sum(0) + bias == metric``: for LN-free models each value is exactly the
+        component's direct effect (``exact=True``); for LN baselines the final LN scale is frozen
+        (``exact=False``, see ``note``).
+
+    Raises:
+        LNFreeError: multi-token answer strings (naming the split), ids outside the vocabulary,
+            ``pos`` outside a prompt, mismatched batch sizes, empty inputs, unsupported models.
+    """
+    backend, comp, cap, (values,), bias = _attribute(model, inputs, answer, wrong, pos, attention_mask, by,
+                                                     layers, top_k, "zero", want_dla=True)
+    labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
+    labels, (values,) = _top_k(labels, [values], top_k, comp)
+    return AttributionResult(values=values, labels=labels, metric=cap.metric, kind="dla", bias=bias,
+                             n_layers=backend.n_layers, n_heads=backend.n_heads, exact=backend.lnfree,
+                             note="" if backend.lnfree else LN_NOTE, extra={"backend": backend.name})
+
+
+def direct_effect(
+    model: Any,
+    inputs: Any,
+    answer: Any,
+    wrong: Any = None,
+    *,
+    components: By = "head",
+    ablation: Any = "zero",
+    pos: int | list[int] = -1,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    layers: int | list[int] | None = None,
+    top_k: int | None = None,
+) -> AttributionResult:
+    """The true direct effect of each component on the metric, by path patching into the final
+    residual stream.
+
+    For each component ``c`` and prompt, its write at the attributed position is replaced by the
+    ablated value *in the final residual stream only* (no later layer sees the change), ``ln_f`` and
+    the unembedding are recomputed (for LN baselines with the LayerNorm scale recomputed), and the
+    change in the metric is reported: ``DE_c = metric(clean) - metric(c ablated)``. Batched: one
+    forward pass for ``"zero"``/``"mean"``, two with corrupted inputs, whatever the number of
+    components.
+
+    Args:
+        model, inputs, answer, wrong, pos, attention_mask, layers, top_k: as in
+            :func:`direct_logit_attribution`.
+        components: ``"head"``, ``"layer"`` or ``"neuron"`` (the same rows as DLA's ``by``).
+        ablation: ``"zero"`` (remove the component's write), ``"mean"`` (replace it by its mean over
+            every real token of ``inputs``), or corrupted inputs (strings / token ids, same batch
+            size) whose activations at the same position replace the clean ones.
+
+    Returns:
+        :class:`AttributionResult` (``kind="direct_effect"``), ``values [component, batch]`` in logits.
+
+    Raises:
+        LNFreeError: as :func:`direct_logit_attribution`; corrupted inputs of another batch size.
+    """
+    backend, comp, cap, (values,), _ = _attribute(model, inputs, answer, wrong, pos, attention_mask, components,
+                                                  layers, top_k, ablation, want_dla=False)
+    labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
+    labels, (values,) = _top_k(labels, [values], top_k, comp)
+    kind = ablation if isinstance(ablation, str) and ablation in ("zero", "mean") else "corrupted"
+    return AttributionResult(values=values, labels=labels, metric=cap.metric, kind="direct_effect",
+                             n_layers=backend.n_layers, n_heads=backend.n_heads, exact=True,
+                             note=f"{kind} ablation in the final residual stream only",
+                             extra={"backend": backend.name, "ablation": kind})
+
+
+def compare_dla_direct_effect(
+    model: Any,
+    inputs: Any,
+    answer: Any,
+    wrong: Any = None,
+    *,
+    pos: int | list[int] = -1,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Comparison:
+    """How far DLA is from the true direct effect, per attention head: the paper's comparison.
+
+    Computes DLA and the zero-ablation direct effect of every head from the same forward pass and
+    reports the normalised mean absolute error ``100 * mean|DLA - DE| / mean|DE|`` over heads x
+    prompts (arXiv 2507.02559, section 5.1: 49% on GPT-2 small, 0% LN-free), a 95% bootstrap interval
+    over prompts, and the error per head.
+
+    Args:
+        model, inputs, answer, wrong, pos, attention_mask: as in :func:`direct_logit_attribution`.
+        n_boot: bootstrap resamples. seed: their seed.
+
+    Returns:
+        :class:`Comparison`: ``nmae`` (percent; ~1e-13 for LN-free models in float64, clearly > 0 with
+        LayerNorm), ``ci``, ``per_component`` (DataFrame per head: ``nmae``, mean DLA, mean DE),
+        ``stats`` (``max_abs_error`` in logits), ``plot()`` (DLA against DE).
+    """
+    import pandas as pd
+
+    dla = direct_logit_attribution(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask)
+    de = direct_effect(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask)
+    heads = [i for i, lab in enumerate(dla.labels) if lab.startswith("L") and "H" in lab]
+    a, b = dla.values[heads].double().cpu(), de.values[heads].double().cpu()
+    per = pd.DataFrame({"component": [dla.labels[i] for i in heads],
+                        "nmae": [nmae(a[i], b[i]) for i in range(len(heads))],
+                        "dla_mean": a.mean(-1).tolist(), "de_mean": b.mean(-1).tolist()})
+    layers = [label_layer(dla.labels[i]) for i in heads for _ in range(a.shape[1])]
+    return Comparison(nmae=nmae(a, b), ci=bootstrap_ci(a, b, n_boot, seed), per_component=per,
+                      stats={"max_abs_error": float((a - b).abs().max())}, a=a.flatten(), b=b.flatten(),
+                      layers=layers, names=("DLA (logits)", "direct effect (logits)"),
+                      title=f"DLA vs direct effect ({'LN-free' if dla.exact else 'with LayerNorm'})")

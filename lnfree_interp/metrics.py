@@ -1,0 +1,97 @@
+"""Metrics for patching: callables on logits returning one value per prompt, padding-aware.
+
+A metric is any callable ``metric(logits) -> [batch]`` on logits ``[batch, pos, d_vocab]``. The two
+shipped here resolve single-token strings and positions against the model and the batch's
+attention mask when a patching function binds them, so ``pos=-1`` is each prompt's last real token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import LNFreeError
+
+Metric = Callable[[Tensor], Tensor]
+
+
+class TokenMetric:
+    """Base of :func:`logit_diff` and :func:`logprob`: reads each prompt's logits at one position."""
+
+    #: linear in the logits (then AtP's direct part is exact on an LN-free model)
+    linear = False
+
+    def __init__(self, answer: Any, wrong: Any = None, pos: int | list[int] = -1):
+        self.answer, self.wrong, self.pos = answer, wrong, pos
+
+    def bind(self, backend: Any, attention_mask: Tensor) -> Metric:
+        """The metric for one batch: token strings resolved, positions resolved against the mask."""
+        from .inputs import positions, token_ids
+
+        batch = attention_mask.shape[0]
+        pos = positions(self.pos, attention_mask)
+        answer = token_ids(backend, self.answer, batch, "answer")
+        wrong = None if self.wrong is None else token_ids(backend, self.wrong, batch, "wrong")
+        rows = torch.arange(batch, device=pos.device)
+        return lambda logits: self._compute(logits[rows, pos], answer, wrong)
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"], attention_mask: Tensor | None = None) -> Tensor:
+        """Evaluate directly on logits (token ids only; strings need :meth:`bind`)."""
+        from .inputs import as_list, check_ids, positions
+
+        batch, d_vocab = logits.shape[0], logits.shape[-1]
+        if any(isinstance(t, str) for t in as_list(self.answer) + as_list(self.wrong or [])):
+            raise LNFreeError("This metric has string tokens: pass it to a patching function (which knows the "
+                              "tokenizer), or use token ids.")
+        mask = torch.ones(logits.shape[:2], dtype=torch.long, device=logits.device) if attention_mask is None \
+            else attention_mask
+        pos = positions(self.pos, mask)
+        answer = check_ids(as_list(self.answer), batch, d_vocab, "answer").to(logits.device)
+        wrong = None if self.wrong is None else check_ids(as_list(self.wrong), batch, d_vocab, "wrong").to(logits.device)
+        return self._compute(logits[torch.arange(batch, device=logits.device), pos], answer, wrong)
+
+    def _compute(self, final: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class LogitDiff(TokenMetric):
+    linear = True
+
+    def _compute(self, final: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:
+        out = final.gather(1, answer[:, None])[:, 0]
+        return out if wrong is None else out - final.gather(1, wrong[:, None])[:, 0]
+
+    def __repr__(self) -> str:
+        return f"logit_diff(answer={self.answer!r}, wrong={self.wrong!r}, pos={self.pos!r})"
+
+
+class LogProb(TokenMetric):
+    def _compute(self, final: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:
+        return final.log_softmax(-1).gather(1, answer[:, None])[:, 0]
+
+    def __repr__(self) -> str:
+        return f"logprob(answer={self.answer!r}, pos={self.pos!r})"
+
+
+def logit_diff(answer: Any, wrong: Any = None, pos: int | list[int] = -1) -> LogitDiff:
+    """``logit[answer] - logit[wrong]`` at ``pos`` (``logit[answer]`` without ``wrong``), in logits.
+
+    Args:
+        answer, wrong: token ids or single-token strings, one shared or one per prompt.
+        pos: position, or one per prompt; negative counts from each prompt's last real token.
+
+    Returns:
+        A metric ``[batch, pos, d_vocab] -> [batch]``, linear in the logits.
+    """
+    return LogitDiff(answer, wrong, pos)
+
+
+def logprob(answer: Any, pos: int | list[int] = -1) -> LogProb:
+    """``log softmax(logits)[answer]`` at ``pos``, in nats (not linear in the logits).
+
+    Args: as :func:`logit_diff`.
+    """
+    return LogProb(answer, None, pos)

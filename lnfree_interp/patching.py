@@ -1,0 +1,377 @@
+"""Attribution patching (AtP) with an exact direct term, activation patching, and their comparison.
+
+AtP estimates the effect on ``metric`` of patching node ``a`` from the corrupted run into the clean
+run by ``(a_corrupt - a_clean) . d metric / d a`` (Nanda 2023; Syed et al. 2023; Kramar et al. 2024,
+"AtP*"), for every node and prompt from one corrupted forward and one clean forward + backward, all
+prompt pairs in one batch (TransformerLens's ``tools.analysis.attribution_patch`` loops over pairs).
+
+The gradient splits along the paths from the node to the metric. The *direct* part goes through
+the node's linear write to the final residual stream and the unembedding:
+``d metric / d r_final`` pulled back through ``W_O`` (heads), ``W_out`` (neurons) or the identity.
+Without LayerNorm that path is linear, so for a metric linear in the logits (:func:`logit_diff`)
+the direct part is the exact direct effect of the patch; only the *indirect* part (through later
+attention and MLPs) is a first-order estimate. With LayerNorm both parts are first order.
+``values == direct + indirect``.
+
+:func:`activation_patching` is the ground truth: every node (at every position, if asked) patched
+one at a time, many patches per forward pass (the batch is replicated once per patch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .backends import Backend, eval_mode, get_backend
+from .errors import LNFreeError
+from .inputs import prepare
+from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
+
+Nodes = Literal["head", "attn_out", "mlp_out", "neuron", "resid_pre"]
+
+#: node kind -> TransformerLens hook (per layer)
+NODE_HOOKS = {"head": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+              "neuron": "mlp.hook_post", "resid_pre": "hook_resid_pre"}
+
+
+def _labels(backend: Backend, nodes: str, layer: int) -> list[str]:
+    if nodes == "head":
+        return [f"L{layer}H{h}" for h in range(backend.n_heads)]
+    if nodes == "neuron":
+        return [f"L{layer}N{n}" for n in range(backend.d_mlp)]
+    return [f"{layer}_{nodes}"]
+
+
+def _node_dot(x: Tensor, y: Tensor, nodes: str) -> Tensor:
+    """Per-node inner product of two activation-shaped tensors: ``[B, P, k]``."""
+    if nodes == "head":
+        return (x * y).sum(-1)  # [B, P, H]
+    if nodes == "neuron":
+        return x * y  # [B, P, d_mlp]
+    return (x * y).sum(-1, keepdim=True)  # [B, P, 1]
+
+
+def _bind(metric: Any, backend: Backend, mask: Tensor):
+    if hasattr(metric, "bind"):
+        return metric.bind(backend, mask)
+    if not callable(metric):
+        raise LNFreeError(f"metric must be callable on logits [batch, pos, vocab], got {type(metric).__name__}.")
+    return metric
+
+
+def _check_metric(value: Any, batch: int, need_grad: bool) -> Tensor:
+    if not torch.is_tensor(value) or value.shape != (batch,):
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise LNFreeError(f"The metric must return one scalar per prompt, shape ({batch},); got {shape}. "
+                          "Reduce over positions/vocabulary inside the metric, not over the batch.")
+    if need_grad and not value.requires_grad:
+        raise LNFreeError("The metric has no gradient with respect to the logits (e.g. it uses argmax or "
+                          ".detach()); attribution patching needs a differentiable metric such as logit_diff.")
+    return value
+
+
+def _pair(backend: Backend, clean: Any, corrupted: Any, attention_mask: Any, corrupted_attention_mask: Any):
+    tokens, mask = prepare(backend, clean, attention_mask)
+    c_tokens, c_mask = prepare(backend, corrupted, corrupted_attention_mask)
+    if tokens.shape != c_tokens.shape:
+        raise LNFreeError(f"clean and corrupted inputs have different shapes {tuple(tokens.shape)} vs "
+                          f"{tuple(c_tokens.shape)}: patching needs prompt pairs of equal token length.")
+    return tokens, mask, c_tokens, c_mask
+
+
+def _run_capture(backend: Backend, tokens: Tensor, mask: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    store: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def fn(act: Tensor) -> Tensor:
+            store[name] = act.detach()
+            return act
+        return fn
+
+    with torch.no_grad(), backend.hooks({n: keep(n) for n in names}):
+        logits = backend.forward(tokens, mask)
+    return logits, store
+
+
+def attribution_patching(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    nodes: Nodes = "head",
+    per_position: bool = True,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> AttributionResult:
+    """Attribution patching of every node, all prompt pairs in one batched pass.
+
+    Cost: one corrupted forward (no grad) and one clean forward + backward, whatever the number of
+    nodes. Runs in eval mode (restored afterwards); gradients are taken with ``torch.autograd.grad``
+    with respect to the activations only, so no ``.grad`` is accumulated on the model's parameters.
+
+    Args:
+        model: anything the loaders return (or an LN baseline).
+        clean, corrupted: prompt pairs: strings or token ids ``[batch, pos]`` of equal shape.
+        metric: callable on logits ``[batch, pos, d_vocab]`` returning ``[batch]``, differentiable, e.g.
+            :func:`lnfree_interp.logit_diff` or :func:`lnfree_interp.logprob`.
+        nodes: ``"head"`` (``L{l}H{h}``, each head's ``z``), ``"attn_out"``, ``"mlp_out"``,
+            ``"neuron"`` (``L{l}N{n}``, MLP post-activations) or ``"resid_pre"``.
+        per_position: keep positions separate (``values [node, pos, batch]``) or sum them
+            (``[node, batch]``).
+        attention_mask, corrupted_attention_mask: masks for padded token ids.
+
+    Returns:
+        :class:`AttributionResult` (``kind="atp"``) in the metric's units, with ``direct`` and
+        ``indirect`` (``values == direct + indirect``) and ``extra["metric_clean"]`` /
+        ``extra["metric_corrupted"]`` ``[batch]``. Identical clean and corrupted inputs give exactly 0.
+
+    Raises:
+        LNFreeError: clean/corrupted of different shapes, a metric that is not ``[batch]`` or has no
+            gradient, unknown ``nodes``, non-finite gradients (float16 overflow).
+    """
+    backend = get_backend(model)
+    if nodes not in NODE_HOOKS:
+        raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
+    tokens, mask, c_tokens, c_mask = _pair(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
+    batch = tokens.shape[0]
+    f_clean, f_corr = _bind(metric, backend, mask), _bind(metric, backend, c_mask)
+    L = backend.n_layers
+    names = [f"blocks.{layer}.{NODE_HOOKS[nodes]}" for layer in range(L)]
+    final = f"blocks.{L - 1}.hook_resid_post"
+    w = backend.weights()
+
+    with eval_mode(backend):
+        corr_logits, corr = _run_capture(backend, c_tokens, c_mask, names)
+        m_corr = _check_metric(f_corr(corr_logits), batch, need_grad=False).detach()
+        del corr_logits
+        acts: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def fn(act: Tensor) -> Tensor:
+                acts[name] = act
+                return act
+            return fn
+
+        def leaf(act: Tensor) -> Tensor:  # gradients flow even if the parameters are frozen
+            return act if act.requires_grad else act.detach().requires_grad_(True)
+
+        hooks = {n: keep(n) for n in names + [final]}
+        hooks["hook_embed"] = leaf
+        with torch.enable_grad(), backend.hooks(hooks):
+            logits = backend.forward(tokens, mask)
+            m = _check_metric(f_clean(logits), batch, need_grad=True)
+            grads = torch.autograd.grad(m.sum(), [acts[n] for n in names] + [acts[final]])
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        raise LNFreeError(f"Non-finite gradients in {backend.dtype} (overflow); load the model in float32 or "
+                          "bfloat16 for attribution patching.")
+    g_final = grads[-1]
+    valid = (mask.bool() & c_mask.bool())[..., None].to(g_final.dtype)
+    values, direct, labels = [], [], []
+    with torch.no_grad():
+        for layer, name in enumerate(names):
+            delta = corr[name] - acts[name].detach()
+            total = _node_dot(delta, grads[layer], nodes)
+            if nodes == "head":
+                d_grad = torch.einsum("bpd,hkd->bphk", g_final, w.W_O[layer])
+            elif nodes == "neuron":
+                d_grad = g_final @ w.W_out[layer].T
+            else:
+                d_grad = g_final
+            values.append(total * valid)
+            direct.append(_node_dot(delta, d_grad, nodes) * valid)
+            labels += _labels(backend, nodes, layer)
+        # [B, P, k] per layer -> [node, pos, batch]
+        values_t = torch.cat(values, -1).permute(2, 1, 0).contiguous()
+        direct_t = torch.cat(direct, -1).permute(2, 1, 0).contiguous()
+        if not per_position:
+            values_t, direct_t = values_t.sum(1), direct_t.sum(1)
+    linear = getattr(metric, "linear", False)
+    note = ("direct part exact (LN-free model, metric linear in the logits); indirect part first order"
+            if backend.lnfree and linear else "direct and indirect parts are first-order estimates")
+    return AttributionResult(
+        values=values_t, labels=labels, metric=m.detach(), kind="atp", n_layers=L, n_heads=backend.n_heads,
+        exact=False, note=note, direct=direct_t, indirect=values_t - direct_t,
+        positions=list(range(tokens.shape[1])) if per_position else None,
+        extra={"metric_clean": m.detach(), "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name,
+               "direct_exact": bool(backend.lnfree and linear)},
+    )
+
+
+def activation_patching(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    nodes: Nodes = "head",
+    per_position: bool = False,
+    positions: list[int] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> AttributionResult:
+    """Activation patching of every node: the ground truth AtP estimates.
+
+    For each node (at each position when ``per_position``), its activation from the corrupted run
+    replaces the clean one and the metric is recomputed: ``value = metric(patched) - metric(clean)``.
+    Patches are batched: the clean batch is replicated once per patch, ``batch_size`` rows per
+    forward pass (TransformerLens's ``get_act_patch_*`` runs one forward per node).
+
+    Args:
+        model, clean, corrupted, metric, nodes, attention_mask, corrupted_attention_mask: as in
+            :func:`attribution_patching`.
+        per_position: patch each position separately (``values [node, pos, batch]``); else a node
+            is patched at all positions at once (``[node, batch]``).
+        positions: with ``per_position``, the positions to patch (default all).
+        batch_size: rows per forward pass (at least one copy of the batch).
+        progress: tqdm bar over the forward passes.
+
+    Returns:
+        :class:`AttributionResult` (``kind="activation_patching"``), ``extra["metric_clean"]`` and
+        ``extra["metric_corrupted"]``.
+
+    Raises:
+        LNFreeError: as :func:`attribution_patching`; positions outside the sequence.
+    """
+    from tqdm.auto import tqdm
+
+    backend = get_backend(model)
+    if nodes not in NODE_HOOKS:
+        raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
+    tokens, mask, c_tokens, c_mask = _pair(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
+    batch, seq = tokens.shape
+    f_clean, f_corr = _bind(metric, backend, mask), _bind(metric, backend, c_mask)
+    L = backend.n_layers
+    names = [f"blocks.{layer}.{NODE_HOOKS[nodes]}" for layer in range(L)]
+    pos_list = list(range(seq)) if positions is None else [int(p) for p in positions]
+    if any(not 0 <= p < seq for p in pos_list):
+        raise LNFreeError(f"positions {pos_list} must lie in [0, {seq}).")
+    width = {"head": backend.n_heads, "neuron": backend.d_mlp}.get(nodes, 1)
+    jobs = [(layer, k, p) for layer in range(L) for k in range(width)
+            for p in (pos_list if per_position else [None])]
+    copies = max(1, batch_size // batch)
+
+    with eval_mode(backend), torch.no_grad():
+        clean_logits, _ = _run_capture(backend, tokens, mask, [])
+        m_clean = _check_metric(f_clean(clean_logits), batch, need_grad=False)
+        corr_logits, corr = _run_capture(backend, c_tokens, c_mask, names)
+        m_corr = _check_metric(f_corr(corr_logits), batch, need_grad=False)
+        del clean_logits, corr_logits
+        effects = torch.empty(len(jobs), batch, dtype=m_clean.dtype, device=m_clean.device)
+        chunks = range(0, len(jobs), copies)
+        for start in tqdm(chunks, desc="activation patching", disable=not progress or len(chunks) < 3,
+                          mininterval=1.0):
+            chunk = jobs[start : start + copies]
+            J = len(chunk)
+            hooks = {}
+            for layer in sorted({j[0] for j in chunk}):
+                name = names[layer]
+                shape = corr[name].shape  # [B, P, ...]
+                sel = torch.zeros((J, seq, width), dtype=torch.bool, device=tokens.device)
+                for j, (lay, k, p) in enumerate(chunk):
+                    if lay == layer:
+                        sel[j, slice(None) if p is None else p, k] = True
+                if nodes == "head":
+                    sel = sel[:, None, :, :, None]  # [J, 1, P, H, 1]
+                elif nodes == "neuron":
+                    sel = sel[:, None]  # [J, 1, P, d_mlp]
+                else:
+                    sel = sel[:, None]  # [J, 1, P, 1]
+
+                def patch(act: Tensor, sel=sel, src=corr[name], shape=shape) -> Tensor:
+                    act = act.view(J, *shape)
+                    return torch.where(sel, src.unsqueeze(0), act).view(J * shape[0], *shape[1:])
+
+                hooks[name] = patch
+            with backend.hooks(hooks):
+                logits = backend.forward(tokens.repeat(J, 1), mask.repeat(J, 1))
+            logits = logits.view(J, batch, *logits.shape[1:])
+            for j in range(J):
+                effects[start + j] = _check_metric(f_clean(logits[j]), batch, need_grad=False) - m_clean
+    labels = [lab for layer in range(L) for lab in _labels(backend, nodes, layer)]
+    values = effects.view(len(labels), len(pos_list), batch) if per_position else effects
+    return AttributionResult(
+        values=values, labels=labels, metric=m_clean, kind="activation_patching", n_layers=L,
+        n_heads=backend.n_heads, exact=True, note="ground truth: one node patched at a time",
+        positions=pos_list if per_position else None,
+        extra={"metric_clean": m_clean, "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name},
+    )
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Average ranks (ties share their mean rank) for Spearman's correlation."""
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, inverse, ranks)
+    return (sums / counts)[inverse]
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+def _stats(a: Tensor, b: Tensor, scale: Tensor) -> dict[str, float]:
+    """Agreement figures of flattened estimates ``a`` vs ground truth ``b`` (``scale``: per-element
+    full-restoration effect for the paper's normalisation)."""
+    an, bn = a / scale, b / scale
+    significant = b.abs() > 1e-6 * b.abs().max().clamp_min(1e-30)
+    sign = (a.sign() == b.sign())[significant].double().mean() if bool(significant.any()) else torch.tensor(1.0)
+    return {"pearson": _pearson(a, b), "spearman": _pearson(_ranks(a), _ranks(b)), "nmae": nmae(a, b),
+            "sign_agreement": float(sign), "normalised_mae": float((an - bn).abs().mean()),
+            "max_abs_error": float((a - b).abs().max())}
+
+
+def compare_attribution(atp_result: AttributionResult, act_result: AttributionResult, *, n_boot: int = 1000,
+                        seed: int = 0) -> Comparison:
+    """How well attribution patching matches activation patching, globally and per layer.
+
+    Figures: Pearson and Spearman correlation, normalised mean absolute error
+    ``100 * mean|AtP - AP| / mean|AP|`` (with a bootstrap 95% interval over prompts), sign agreement
+    (over nodes with a non-negligible true effect), and the paper's normalisation: both divided by
+    the full-restoration effect ``metric(corrupted) - metric(clean)`` of each prompt, then the mean
+    absolute error (``normalised_mae``).
+
+    Args:
+        atp_result: from :func:`attribution_patching`.
+        act_result: from :func:`activation_patching` on the same model, inputs, metric and nodes
+            (and the same ``per_position``).
+
+    Returns:
+        :class:`Comparison`; ``per_component`` is a per-layer DataFrame; ``plot()`` is the scatter of
+        AtP against activation patching coloured by layer.
+
+    Raises:
+        LNFreeError: results of different nodes or shapes.
+    """
+    import pandas as pd
+
+    if atp_result.labels != act_result.labels or atp_result.values.shape != act_result.values.shape:
+        raise LNFreeError("The two results cover different nodes or shapes; run both with the same nodes, inputs "
+                          f"and per_position ({tuple(atp_result.values.shape)} vs {tuple(act_result.values.shape)}).")
+    a = atp_result.values.detach().double().cpu()
+    b = act_result.values.detach().double().cpu()
+    restore = (act_result.extra["metric_corrupted"] - act_result.extra["metric_clean"]).double().cpu()
+    scale = restore.where(restore.abs() > 1e-12, torch.ones_like(restore)).expand_as(a)
+    layers = [label_layer(lab) for lab in atp_result.labels]
+    per_el_layers = [layer for layer in layers for _ in range(a[0].numel())]
+    rows = []
+    for layer in sorted({x for x in layers if x is not None}):
+        idx = [i for i, x in enumerate(layers) if x == layer]
+        s = _stats(a[idx].flatten(), b[idx].flatten(), scale[idx].flatten())
+        rows.append({"layer": layer, **s})
+    flat_a, flat_b = a.flatten(), b.flatten()
+    boot_a, boot_b = a.flatten(0, -2), b.flatten(0, -2)
+    return Comparison(
+        nmae=nmae(flat_a, flat_b), ci=bootstrap_ci(boot_a, boot_b, n_boot, seed), per_component=pd.DataFrame(rows),
+        stats=_stats(flat_a, flat_b, scale.flatten()), a=flat_a, b=flat_b, layers=per_el_layers,
+        names=("attribution patching", "activation patching"),
+        title=f"AtP vs activation patching ({atp_result.extra.get('nodes')})")

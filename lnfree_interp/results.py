@@ -1,0 +1,309 @@
+"""Result objects shared by DLA, direct effect, attribution patching and activation patching.
+
+Labels follow TransformerLens conventions: ``L{l}H{h}`` (attention head), ``{l}_attn_bias``,
+``{l}_attn_out``, ``{l}_mlp_out``, ``L{l}N{n}`` (MLP neuron), ``{l}_mlp_bias``, ``embed``,
+``pos_embed``, ``{l}_resid_pre``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+_HEAD = re.compile(r"^L(\d+)H(\d+)$")
+_LAYER = re.compile(r"^(?:L)?(\d+)[_N]")
+
+
+def label_layer(label: str) -> int | None:
+    """Layer of a component label (``None`` for ``embed``, ``pos_embed``, ``unembed_bias``)."""
+    m = _HEAD.match(label) or _LAYER.match(label)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class AttributionResult:
+    """Per-component attributions of a metric, in logits (or the metric's units).
+
+    Attributes:
+        values: ``[component, batch]``, or ``[component, pos, batch]`` for per-position patching.
+        labels: one per component (TransformerLens-style, see module doc).
+        metric: ``[batch]``: the model's actual metric on the clean inputs.
+        kind: ``"dla"``, ``"direct_effect"``, ``"atp"`` or ``"activation_patching"``.
+        bias: ``[batch]``: the unembedding-bias term (``b_U[answer] - b_U[wrong]``, ``ln_f`` bias
+            folded) for DLA, so that ``values.sum(0) + bias == metric``.
+        exact: DLA equals the true direct effect (LN-free model; the direct path is linear).
+        note: how to read the numbers (e.g. the LN-baseline approximation).
+        direct, indirect: AtP only: the split ``values = direct + indirect``.
+        positions: per-position results: the sequence positions of ``values``' middle axis.
+        n_layers, n_heads: model sizes, for the layer x head heatmap.
+    """
+
+    values: Tensor
+    labels: list[str]
+    metric: Float[Tensor, "batch"]
+    kind: str
+    n_layers: int
+    n_heads: int
+    bias: Float[Tensor, "batch"] | None = None
+    exact: bool = False
+    note: str = ""
+    direct: Tensor | None = None
+    indirect: Tensor | None = None
+    positions: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != self.values.shape[0]:
+            raise ValueError(f"{len(self.labels)} labels for {self.values.shape[0]} components")
+
+    # --- numbers -----------------------------------------------------------------------------
+    def total(self) -> Float[Tensor, "batch"]:
+        """Sum over components (and positions) plus the bias term: equals ``metric`` for exact DLA."""
+        total = self.values.flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.sum(0)
+        return total + self.bias if self.bias is not None else total
+
+    def assert_exact(self, rtol: float | None = None) -> None:
+        """Raise unless these values are exact: an LN-free model's DLA (or a direct effect), whose
+        components plus bias reproduce the metric to ``rtol`` relative to max |metric| (default
+        1e-10 in float64, 1e-5 otherwise).
+
+        Raises:
+            LNFreeError: the model has LayerNorm (DLA is then an approximation), or the sum is off.
+        """
+        from .errors import LNFreeError
+
+        if not self.exact:
+            raise LNFreeError("This attribution comes from a model with LayerNorm: DLA freezes the final "
+                              "LayerNorm scale and is only an approximation of the direct effect. Use an "
+                              "LN-free checkpoint, or compare_dla_direct_effect to measure the error.")
+        if self.kind == "dla":
+            rtol = rtol if rtol is not None else (1e-10 if self.values.dtype == torch.float64 else 1e-5)
+            err = float((self.total() - self.metric).abs().max())
+            ref = max(float(self.metric.abs().max()), 1e-30)
+            if err > rtol * ref:
+                raise LNFreeError(f"DLA components sum to the metric only within {err:.3g} (relative "
+                                  f"{err / ref:.3g} > {rtol:g}).")
+
+    def mean(self) -> Tensor:
+        """Mean over the batch: ``[component]`` (or ``[component, pos]``)."""
+        return self.values.mean(-1)
+
+    def __getitem__(self, label: str) -> Tensor:
+        """Values of one component by label."""
+        try:
+            return self.values[self.labels.index(label)]
+        except ValueError:
+            raise KeyError(f"No component {label!r}; labels look like {self.labels[:5]}") from None
+
+    def head_matrix(self) -> Float[Tensor, "layer head"]:
+        """Batch-mean (and position-sum) value of every head as a ``[n_layers, n_heads]`` grid."""
+        grid = torch.full((self.n_layers, self.n_heads), float("nan"), dtype=torch.float64)
+        mean = self.mean()
+        if mean.ndim > 1:
+            mean = mean.sum(-1)
+        for i, label in enumerate(self.labels):
+            m = _HEAD.match(label)
+            if m:
+                grid[int(m.group(1)), int(m.group(2))] = float(mean[i])
+        return grid
+
+    def to_dataframe(self):
+        """Long-format ``pandas.DataFrame``: one row per component x prompt (x position).
+
+        Columns: ``component``, ``layer``, ``head``, ``prompt``, (``pos``), ``value``, and for AtP
+        ``direct`` and ``indirect``. DLA adds an ``unembed_bias`` row per prompt for the bias term.
+        """
+        import numpy as np
+        import pandas as pd
+
+        shape = tuple(self.values.shape)
+        n_rest = int(np.prod(shape[1:]))
+        heads = [int(m.group(2)) if (m := _HEAD.match(lab)) else None for lab in self.labels]
+        cols: dict[str, Any] = {
+            "component": np.repeat(np.array(self.labels, dtype=object), n_rest),
+            "layer": np.repeat(np.array([label_layer(lab) for lab in self.labels], dtype=object), n_rest),
+            "head": np.repeat(np.array(heads, dtype=object), n_rest),
+            "prompt": np.tile(np.arange(shape[-1]), n_rest // shape[-1] * shape[0]),
+        }
+        if len(shape) == 3:
+            pos = np.array(self.positions if self.positions else range(shape[1]))
+            cols["pos"] = np.tile(np.repeat(pos, shape[-1]), shape[0])
+        cols["value"] = self.values.detach().double().cpu().numpy().reshape(-1)
+        if self.direct is not None:
+            cols["direct"] = self.direct.detach().double().cpu().numpy().reshape(-1)
+            cols["indirect"] = self.indirect.detach().double().cpu().numpy().reshape(-1)
+        frame = pd.DataFrame(cols)
+        if self.bias is not None:
+            bias = self.bias.detach().double().cpu().numpy()
+            frame = pd.concat([frame, pd.DataFrame({"component": "unembed_bias", "layer": None, "head": None,
+                                                    "prompt": np.arange(len(bias)), "value": bias})],
+                              ignore_index=True)
+        return frame
+
+    def top(self, k: int = 10):
+        """The ``k`` components with the largest |batch-mean value| (positions summed), as a DataFrame."""
+        import pandas as pd
+
+        mean = self.mean().detach().double().cpu()
+        if mean.ndim > 1:
+            mean = mean.sum(-1)
+        order = mean.abs().argsort(descending=True)[:k].tolist()
+        std = self.values.detach().double().cpu()
+        std = (std.sum(1) if std.ndim > 2 else std).std(-1) if std.shape[-1] > 1 else torch.zeros_like(mean)
+        return pd.DataFrame({"component": [self.labels[i] for i in order], "mean": [float(mean[i]) for i in order],
+                             "std": [float(std[i]) for i in order]})
+
+    # --- figures -----------------------------------------------------------------------------
+    def plot(self, title: str | None = None):
+        """Plotly figure: layer x head heatmap (centred diverging ``RdBu``, as in TL tutorials) when
+        the result has heads, else a bar chart of the components."""
+        import plotly.express as px
+        import plotly.graph_objects as go
+
+        title = title or f"{self.kind} ({'exact' if self.exact else 'approximate' if self.kind == 'dla' else ''})"
+        grid = self.head_matrix()
+        if not torch.isnan(grid).all():
+            bound = float(grid.nan_to_num(0).abs().max()) or 1.0
+            return px.imshow(grid.numpy(), color_continuous_scale="RdBu", zmin=-bound, zmax=bound,
+                             labels={"x": "head", "y": "layer", "color": "logits"}, title=title, aspect="auto")
+        mean = self.mean().detach().double().cpu()
+        mean = mean.sum(-1) if mean.ndim > 1 else mean
+        return go.Figure(go.Bar(x=self.labels, y=mean.tolist()), layout={"title": title})
+
+    def save(self, path: str | Path, title: str | None = None) -> list[Path]:
+        """Write ``path.png`` (matplotlib) and ``path.html`` (interactive plotly); returns the paths."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        title = title or self.kind
+        grid = self.head_matrix()
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * self.n_heads + 2), max(3, 0.4 * self.n_layers + 1.5)), dpi=100)
+        if not torch.isnan(grid).all():
+            bound = float(grid.nan_to_num(0).abs().max()) or 1.0
+            im = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_xticks(range(self.n_heads))
+            ax.set_yticks(range(self.n_layers))
+            fig.colorbar(im, ax=ax, label="logits")
+        else:
+            mean = self.mean().detach().double().cpu()
+            mean = mean.sum(-1) if mean.ndim > 1 else mean
+            ax.bar(range(len(self.labels)), mean.numpy())
+            ax.set_xticks(range(len(self.labels)), self.labels, rotation=90, fontsize=6)
+        ax.set_title(title)
+        fig.tight_layout()
+        png, html = path.with_suffix(".png"), path.with_suffix(".html")
+        fig.savefig(png)
+        plt.close(fig)
+        self.plot(title).write_html(str(html), include_plotlyjs="cdn")
+        return [png, html]
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(s) for s in self.values.shape)
+        head = f"AttributionResult(kind={self.kind!r}, values [{shape}], exact={self.exact})"
+        return head + (f"\n  note: {self.note}" if self.note else "") + "\n" + self.top(5).to_string(index=False)
+
+
+@dataclass
+class Comparison:
+    """Agreement between two attributions of the same components (see the two ``compare_*`` functions).
+
+    Attributes:
+        nmae: normalised mean absolute error ``100 * mean|a - b| / mean|b|`` in percent (``b`` the
+            reference: the direct effect, or activation patching).
+        ci: bootstrap 95% confidence interval of ``nmae`` (resampling prompts).
+        per_component: ``pandas.DataFrame`` with one row per component (``nmae`` per component, means).
+        stats: further figures (correlations, sign agreement, normalised errors...).
+        a, b: the two flattened value tensors compared; ``layers`` their layer (for colouring).
+    """
+
+    nmae: float
+    ci: tuple[float, float]
+    per_component: Any
+    stats: dict[str, float]
+    a: Tensor
+    b: Tensor
+    layers: list[int | None]
+    names: tuple[str, str]
+    title: str = ""
+
+    def __repr__(self) -> str:
+        extra = ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items())
+        return (f"Comparison({self.names[0]} vs {self.names[1]}): NMAE {self.nmae:.3g}% "
+                f"(95% CI {self.ci[0]:.3g}-{self.ci[1]:.3g}%)" + (f"; {extra}" if extra else ""))
+
+    def plot(self):
+        """Plotly scatter of ``a`` against ``b``, coloured by layer, with the y = x line."""
+        import plotly.graph_objects as go
+
+        a, b = self.a.double().cpu().numpy(), self.b.double().cpu().numpy()
+        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=b, y=a, mode="markers", name="components",
+                                 marker={"color": [-1 if x is None else x for x in self.layers],
+                                         "colorscale": "Viridis", "showscale": True,
+                                         "colorbar": {"title": "layer"}}))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                                 line={"dash": "dash", "color": "grey"}))
+        fig.update_layout(title=self.title or repr(self), xaxis_title=self.names[1], yaxis_title=self.names[0])
+        return fig
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write ``path.png`` (matplotlib scatter) and ``path.html`` (plotly)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        a, b = self.a.double().cpu().numpy(), self.b.double().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+        sc = ax.scatter(b, a, c=[-1 if x is None else x for x in self.layers], cmap="viridis", s=12)
+        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+        ax.plot([lo, hi], [lo, hi], "--", color="grey", lw=1)
+        ax.set_xlabel(self.names[1])
+        ax.set_ylabel(self.names[0])
+        ax.set_title(self.title or f"NMAE {self.nmae:.3g}%", fontsize=9)
+        fig.colorbar(sc, ax=ax, label="layer")
+        fig.tight_layout()
+        png, html = path.with_suffix(".png"), path.with_suffix(".html")
+        fig.savefig(png)
+        plt.close(fig)
+        self.plot().write_html(str(html), include_plotlyjs="cdn")
+        return [png, html]
+
+
+def nmae(a: Tensor, b: Tensor) -> float:
+    """``100 * mean|a - b| / mean|b|`` (percent); 0 when both are zero."""
+    denom = b.abs().mean()
+    num = (a - b).abs().mean()
+    if float(denom) == 0.0:
+        return 0.0 if float(num) == 0.0 else float("inf")
+    return float(100 * num / denom)
+
+
+def bootstrap_ci(a: Tensor, b: Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of :func:`nmae` resampling the last axis (prompts) of ``[C, batch]``."""
+    batch = a.shape[-1]
+    if batch < 2:
+        v = nmae(a, b)
+        return (v, v)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, batch, (n_boot, batch), generator=gen)
+    diffs = (a - b).abs()[..., idx].flatten(0, -3).mean(0).mean(-1)  # [n_boot]
+    denom = b.abs()[..., idx].flatten(0, -3).mean(0).mean(-1)
+    vals = 100 * diffs / denom.clamp_min(1e-300)
+    lo, hi = torch.quantile(vals.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return (lo, hi)

@@ -1,0 +1,132 @@
+"""The fold (lnfree_interp.fold): maths against a hand-written LayerNorm, purity, idempotence."""
+
+import pytest
+import torch
+
+from lnfree_interp import LNFreeError
+from lnfree_interp.fold import classify_layernorms, detect_encoding, fold_state_dict, ln_names
+
+from .conftest import hack_schaeff
+
+
+def _eps(model):
+    return {n: float(model.get_submodule(n).eps) for n in ln_names(model.config.n_layer)}
+
+
+def _fold(model, **kw):
+    sd = model.state_dict()
+    lns = classify_layernorms(sd, model.config.n_layer, _eps(model))
+    return fold_state_dict(sd, model.config.n_layer, lns, **kw), lns
+
+
+def test_folded_reader_equals_hand_written_layernorm(models):
+    """x @ W' + c' == ((x - mean) * w/1e6 + b) @ W + c for c_attn of a schaeff checkpoint."""
+    model = models["schaeff"]
+    folded, _ = _fold(model, dtype=torch.float64)
+    ln, attn = model.transformer.h[0].ln_1, model.transformer.h[0].attn.c_attn
+    x = torch.randn(5, 64, dtype=torch.float64) * 3 + 2  # non-centred inputs
+    hand = ((x - x.mean(-1, keepdim=True)) * ln.weight.double() / 1e6 + ln.bias.double()) @ attn.weight.double() \
+        + attn.bias.double()
+    got = x @ folded["transformer.h.0.attn.c_attn.weight"] + folded["transformer.h.0.attn.c_attn.bias"]
+    assert (got - hand).abs().max() <= 1e-12 * hand.abs().max()
+
+
+def test_identity_without_fold_is_wrong(models):
+    """Replacing the hacked LN by the identity without folding changes the output by O(1)."""
+    model = models["schaeff"]
+    ln, attn = model.transformer.h[0].ln_1, model.transformer.h[0].attn.c_attn
+    x = torch.randn(5, 64, dtype=torch.float64) + 1
+    hand = ((x - x.mean(-1, keepdim=True)) * ln.weight.double() / 1e6 + ln.bias.double()) @ attn.weight.double()
+    naive = x @ attn.weight.double()
+    assert (naive - hand).abs().max() > 0.1 * hand.abs().max()
+
+
+def test_unembedding_folded_untied_and_wte_unchanged(models):
+    model = models["schaeff"]
+    wte = model.transformer.wte.weight.detach().clone()
+    folded, _ = _fold(model, dtype=torch.float64)
+    assert torch.equal(folded["transformer.wte.weight"], wte.double())
+    assert torch.equal(model.transformer.wte.weight, wte)
+    assert folded["lm_head.weight"].data_ptr() != folded["transformer.wte.weight"].data_ptr()
+    ln_f = model.transformer.ln_f
+    r = torch.randn(3, 64, dtype=torch.float64)
+    hand = ((r - r.mean(-1, keepdim=True)) * ln_f.weight.double() / 1e6 + ln_f.bias.double()) @ wte.double().T
+    got = r @ folded["lm_head.weight"].T + folded["lm_head.bias"]
+    assert (got - hand).abs().max() <= 1e-12 * hand.abs().max()
+
+
+def test_fold_never_writes_to_its_input_and_does_not_alias(models):
+    model = models["apollo"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, _ = _fold(model, dtype=torch.float32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    ptrs = {v.data_ptr() for v in model.state_dict().values()}
+    assert not any(v.data_ptr() in ptrs for v in folded.values())
+
+
+def test_fold_is_idempotent(models):
+    """Folding the folded weights again changes nothing (the card's re-run-a-cell bug class)."""
+    model = models["schaeff"]
+    once, _ = _fold(model, dtype=torch.float64)
+    twice = fold_state_dict(once, model.config.n_layer, None, dtype=torch.float64, tied_unembed=False)
+    assert set(once) == set(twice)
+    for k in once:
+        assert torch.equal(once[k], twice[k]), k
+
+
+def test_center_writing_weights_centres_writers_only(models):
+    model = models["schaeff"]
+    folded, _ = _fold(model, dtype=torch.float64, center_writing_weights=True)
+    for key in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.attn.c_proj.weight",
+                "transformer.h.0.mlp.c_proj.bias"):
+        assert folded[key].mean(-1).abs().max() < 1e-12
+    # readers are centred over d_model (their input dimension), whatever the option
+    assert folded["transformer.h.0.mlp.c_fc.weight"].mean(0).abs().max() < 1e-12
+
+
+def test_classification_and_encodings(models):
+    for name, expected in (("schaeff", "schaeff"), ("apollo", "apollo"), ("layernorm", "layernorm")):
+        model = models[name]
+        lns = classify_layernorms(model.state_dict(), model.config.n_layer, _eps(model))
+        assert detect_encoding(lns, model.state_dict()) == expected
+        assert all(ln.hacked == (expected != "layernorm") for ln in lns)
+
+
+def test_half_hacked_names_the_layernorms(models):
+    model = hack_schaeff(models["layernorm"])
+    with torch.no_grad():  # undo the weight scaling of one LN, keep its eps 1e12
+        model.transformer.h[1].ln_2.weight.div_(1e6)
+    sd = model.state_dict()
+    lns = classify_layernorms(sd, 2, _eps(model))
+    with pytest.raises(LNFreeError, match=r"transformer\.h\.1\.ln_2"):
+        detect_encoding(lns, sd)
+
+
+def test_eps_without_weight_scaling_is_half_hacked(models):
+    model = models["layernorm"]
+    sd = model.state_dict()
+    lns = classify_layernorms(sd, 2, {n: 1e12 for n in ln_names(2)})
+    with pytest.raises(LNFreeError, match="Half-hacked"):
+        detect_encoding(lns, sd)
+
+
+def test_weights_scaled_without_eps_is_half_hacked(models):
+    model = models["schaeff"]
+    sd = model.state_dict()
+    lns = classify_layernorms(sd, 2, {n: 1e-5 for n in ln_names(2)})
+    with pytest.raises(LNFreeError, match="eps"):
+        detect_encoding(lns, sd)
+
+
+def test_float16_overflow_is_refused(models):
+    model = models["schaeff"]
+    sd = dict(model.state_dict())
+    sd["transformer.h.0.attn.c_proj.weight"] = sd["transformer.h.0.attn.c_proj.weight"] * 1e6
+    lns = classify_layernorms(sd, 2, _eps(model))
+    with pytest.raises(LNFreeError, match="overflows in torch.float16"):
+        fold_state_dict(sd, 2, lns, dtype=torch.float16)
+    # the hacked LN weights overflow float16 themselves, but they are folded away in float64 first
+    assert torch.isinf(model.transformer.ln_f.weight.half()).any()
+    ok = fold_state_dict(model.state_dict(), 2, lns, dtype=torch.float16)
+    assert all(torch.isfinite(v).all() for v in ok.values())
