@@ -203,9 +203,9 @@ def _setup(model: Any, inputs: Any, answer: Any, wrong: Any, pos: Any, attention
     return backend, tokens, mask, pos_idx, answer_ids, wrong_ids, layers, direction, bias
 
 
-def _attribute(*args):
+def _attribute(*args, **kwargs):
     with torch.no_grad():
-        return _attribute_impl(*args)
+        return _attribute_impl(*args, **kwargs)
 
 
 def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layers, top_k, ablation, want_dla):

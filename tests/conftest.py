@@ -39,7 +39,7 @@ def tokenizer():
 
 
 def random_gpt2(vocab: int, seed: int = 0, n_layer: int = 2, n_head: int = 4, n_embd: int = 64,
-                n_positions: int = 32, std: float = 0.15):
+                n_positions: int = 64, std: float = 0.15):
     """A GPT-2 with LayerNorm and random, non-trivial weights (LN gains and biases far from 1/0)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 

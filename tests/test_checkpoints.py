@@ -16,7 +16,7 @@ def test_inspect_detects_encoding_dir_and_memory(encoding, models, ckpt_dirs):
         info = L.inspect_checkpoint(src)
         assert info.encoding == encoding
         assert info.lnfree == (encoding != "layernorm")
-        assert (info.n_layers, info.n_heads, info.d_model, info.n_ctx) == (2, 4, 64, 32)
+        assert (info.n_layers, info.n_heads, info.d_model, info.n_ctx) == (2, 4, 64, 64)
         assert info.d_vocab == models[encoding].config.vocab_size
         assert set(info.ln_weight_scale) == {"transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1",
                                              "transformer.h.1.ln_2", "transformer.ln_f"}
