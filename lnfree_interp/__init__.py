@@ -6,45 +6,35 @@ functions use the exactness that buys (direct logit attribution = direct effect)
 
     >>> from lnfree_interp import load_hooked, direct_logit_attribution
     >>> model = load_hooked("tiny-shakespeare-lnfree")
-    >>> dla = direct_logit_attribution(model, "ROMEO: I", answer=" will", wrong=" am")
+    >>> dla = direct_logit_attribution(model, "ROMEO:\\nI will", answer=" not", wrong=" be")
     >>> dla.top(5)
 
-Frameworks are imported lazily: importing this package does not import TransformerLens or nnsight.
+TransformerLens and nnsight are imported only when a function needs them.
 """
-
-from importlib import import_module
-from typing import Any
 
 __version__ = "0.1.0"
 
+from .checkpoints import CheckpointInfo, KnownCheckpoint, inspect_checkpoint, list_checkpoints
+from .dla import compare_dla_direct_effect, direct_effect, direct_logit_attribution
 from .errors import LNFreeError
+from .evaluation import LossReport, evaluate_loss
+from .fold import fold_state_dict
+from .ioi import IOIPrompts, ioi_prompts
+from .loaders import Verification, load_hf, load_hooked, load_nnsight, load_unified, verify
+from .metrics import logit_diff, logprob
+from .patching import activation_patching, attribution_patching, compare_attribution
+from .removal import FakeLayerNorm, RemovalSchedule, remove_layernorm, save_lnfree
+from .results import AttributionResult, Comparison
 
-# public name -> module that defines it (imported on first use)
-_API = {
-    "load_hf": "loaders", "load_hooked": "loaders", "load_nnsight": "loaders", "load_unified": "loaders",
-    "verify": "loaders", "Verification": "loaders",
-    "inspect_checkpoint": "checkpoints", "CheckpointInfo": "checkpoints", "list_checkpoints": "checkpoints",
-    "KnownCheckpoint": "checkpoints",
-    "fold_state_dict": "fold",
-    "direct_logit_attribution": "dla", "direct_effect": "dla", "compare_dla_direct_effect": "dla",
-    "AttributionResult": "results", "Comparison": "results",
-    "attribution_patching": "patching", "activation_patching": "patching", "compare_attribution": "patching",
-    "logit_diff": "metrics", "logprob": "metrics",
-    "ioi_prompts": "ioi", "IOIPrompts": "ioi",
-    "evaluate_loss": "evaluation", "LossReport": "evaluation",
-    "remove_layernorm": "removal", "save_lnfree": "removal", "FakeLayerNorm": "removal", "RemovalSchedule": "removal",
-}
-
-__all__ = ["LNFreeError", "__version__", *_API]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        value = getattr(import_module(f".{_API[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__ = [
+    "LNFreeError",
+    # loading
+    "load_hf", "load_hooked", "load_nnsight", "load_unified", "verify", "Verification",
+    "inspect_checkpoint", "CheckpointInfo", "list_checkpoints", "KnownCheckpoint", "fold_state_dict",
+    # attribution
+    "direct_logit_attribution", "direct_effect", "compare_dla_direct_effect",
+    "attribution_patching", "activation_patching", "compare_attribution", "logit_diff", "logprob",
+    "AttributionResult", "Comparison", "ioi_prompts", "IOIPrompts",
+    # models
+    "evaluate_loss", "LossReport", "remove_layernorm", "save_lnfree", "FakeLayerNorm", "RemovalSchedule",
+]

@@ -131,19 +131,21 @@ def _components(backend: Backend, by: str, layers: list[int], acts: dict[str, Te
     return _Components(labels, torch.stack(vecs), n_labels, n_acts, n_W)
 
 
-def _dots(comp: _Components, delta: _Components | None, direction: Tensor, centred_r: Tensor | None):
+def _dots(comp: _Components, delta: _Components | None, direction: Tensor, centred_r: Tensor | None,
+          vectors: bool = True):
     """Per component and prompt: ``a = du . u0`` and, for LN models, ``b = Cr . du``, ``c = |C du|^2``.
 
     ``du`` is the component itself (``delta=None``) or its change to the ablated value;
-    ``direction`` [B, d] is ``u`` (LN-free) or ``C u``.
+    ``direction`` [B, d] is ``u`` (LN-free) or ``C u``. ``vectors=False``: neuron groups only.
     """
-    vec = comp.vectors if delta is None else comp.vectors - delta.vectors
-    a = [torch.einsum("cbd,bd->cb", vec, direction)]
-    b, c = [], []
-    if centred_r is not None:
-        cvec = vec - vec.mean(-1, keepdim=True)
-        b.append(torch.einsum("cbd,bd->cb", cvec, centred_r))
-        c.append(cvec.pow(2).sum(-1))
+    a, b, c = [], [], []
+    if vectors:
+        vec = comp.vectors if delta is None else comp.vectors - delta.vectors
+        a.append(torch.einsum("cbd,bd->cb", vec, direction))
+        if centred_r is not None:
+            cvec = vec - vec.mean(-1, keepdim=True)
+            b.append(torch.einsum("cbd,bd->cb", cvec, centred_r))
+            c.append(cvec.pow(2).sum(-1))
     for i, (act, W) in enumerate(zip(comp.neuron_acts, comp.neuron_W)):
         dact = (act if delta is None else act - delta.neuron_acts[i]).T  # [N, B]
         a.append(dact * (W @ direction.T))
@@ -235,14 +237,25 @@ def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layer
             raise LNFreeError(f"ablation inputs have {c_tokens.shape[0]} prompts, the clean inputs {tokens.shape[0]}.")
         c_cap = _capture(backend, c_tokens, c_mask, positions(pos, c_mask), names, a_ids, w_ids)
         delta = _components(backend, by, layers, c_cap.acts)
-    a, b, c = _dots(comp, delta, u0, centred_r)
-    if backend.lnfree:
-        return backend, comp, cap, [a], None
-    cr_u = (centred_r * u0).sum(-1)  # [B]
-    cr2 = centred_r.pow(2).sum(-1)
-    before = cr_u / (cr2 / d_model + backend.eps).sqrt()
-    after = (cr_u - a) / ((cr2 - 2 * b + c) / d_model + backend.eps).sqrt()
-    return backend, comp, cap, [before - after], None
+
+    def metric_of(x: Tensor) -> Tensor:  # final residual(s) [..., B, d] -> metric (bias term cancels)
+        if backend.lnfree:
+            return (x * direction).sum(-1)
+        cx = x - x.mean(-1, keepdim=True)
+        return (cx * direction).sum(-1) / (cx.pow(2).mean(-1) + backend.eps).sqrt()
+
+    # path patching: the patched final residual r - du, re-normalised (LN) and unembedded
+    before = metric_of(r)
+    du = comp.vectors if delta is None else comp.vectors - delta.vectors
+    values = [before - metric_of(r[None] - du)]
+    if comp.neuron_acts:  # per neuron the same, from dot products (no [neurons, batch, d_model] stack)
+        a, b, c = _dots(comp, delta, u0, centred_r, vectors=False)
+        if backend.lnfree:
+            values.append(before - (before - a))
+        else:
+            cr_u, cr2 = (centred_r * u0).sum(-1), centred_r.pow(2).sum(-1)
+            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / d_model + backend.eps).sqrt())
+    return backend, comp, cap, [torch.cat(values, 0)], None
 
 
 def direct_logit_attribution(
@@ -268,7 +281,9 @@ def direct_logit_attribution(
     Args:
         model: anything the loaders return, or an LN baseline loaded with ``expect_lnfree=False``.
         inputs: a string, list of strings, token ids ``[batch, pos]``, or a tokenizer batch.
-        answer, wrong: token ids or single-token strings, one shared or one per prompt.
+        answer: token id or single-token string, one shared or one per prompt.
+        wrong: the same for the wrong answer; the metric is ``logit[answer] - logit[wrong]``, or
+            ``logit[answer]`` alone when ``None``.
         pos: attributed position (or one per prompt); negative counts from each prompt's last real
             token, so ``-1`` is the last real token with left or right padding.
         by: ``"head"``: ``L{l}H{h}`` plus ``{l}_attn_bias`` and ``{l}_mlp_out``; ``"layer"``:
@@ -324,8 +339,14 @@ def direct_effect(
     components.
 
     Args:
-        model, inputs, answer, wrong, pos, attention_mask, layers, top_k: as in
-            :func:`direct_logit_attribution`.
+        model: as in :func:`direct_logit_attribution`.
+        inputs: as in :func:`direct_logit_attribution`.
+        answer: as in :func:`direct_logit_attribution`.
+        wrong: as in :func:`direct_logit_attribution`.
+        pos: as in :func:`direct_logit_attribution`.
+        attention_mask: as in :func:`direct_logit_attribution`.
+        layers: as in :func:`direct_logit_attribution`.
+        top_k: as in :func:`direct_logit_attribution`.
         components: ``"head"``, ``"layer"`` or ``"neuron"`` (the same rows as DLA's ``by``).
         ablation: ``"zero"`` (remove the component's write), ``"mean"`` (replace it by its mean over
             every real token of ``inputs``), or corrupted inputs (strings / token ids, same batch
@@ -367,8 +388,14 @@ def compare_dla_direct_effect(
     over prompts, and the error per head.
 
     Args:
-        model, inputs, answer, wrong, pos, attention_mask: as in :func:`direct_logit_attribution`.
-        n_boot: bootstrap resamples. seed: their seed.
+        model: as in :func:`direct_logit_attribution`.
+        inputs: as in :func:`direct_logit_attribution`.
+        answer: as in :func:`direct_logit_attribution`.
+        wrong: as in :func:`direct_logit_attribution`.
+        pos: as in :func:`direct_logit_attribution`.
+        attention_mask: as in :func:`direct_logit_attribution`.
+        n_boot: bootstrap resamples (over prompts).
+        seed: seed of the bootstrap.
 
     Returns:
         :class:`Comparison`: ``nmae`` (percent; ~1e-13 for LN-free models in float64, clearly > 0 with

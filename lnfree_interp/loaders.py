@@ -171,8 +171,13 @@ def load_hooked(
     ``blocks.{l}.attn.hook_z``, ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.hook_mlp_out``, ...
 
     Args:
-        src, dtype, device, tokenizer, expect_lnfree, center_writing_weights, center_unembed:
-            as in :func:`load_hf` (``center_unembed=False`` so logits equal the HF model's).
+        src: as in :func:`load_hf`.
+        dtype: as in :func:`load_hf`.
+        device: as in :func:`load_hf`.
+        tokenizer: as in :func:`load_hf`.
+        expect_lnfree: as in :func:`load_hf`.
+        center_writing_weights: as in :func:`load_hf`.
+        center_unembed: as in :func:`load_hf` (off, so logits equal the HF model's).
         backend: ``"hooked"`` (``HookedTransformer``; default on TL 3.x) or ``"bridge"``
             (``TransformerBridge``; default on TL 4.x, where HookedTransformer was removed).
         prepend_bos: ``cfg.default_prepend_bos``; off so that a string tokenizes the same in every
@@ -194,7 +199,8 @@ def load_hooked(
     if kind == "hooked":
         model = tl.build_hooked(loaded.source.config, loaded.state_dict, lnfree=loaded.lnfree,
                                 tokenizer=loaded.tokenizer, prepend_bos=prepend_bos, model_name=loaded.model_name)
-        model = model.to(device)
+        if torch.device(device) != model.W_E.device:
+            model = model.to(device)
     else:
         hf = _hf(loaded, center_writing_weights, device)
         model = tl.build_bridge(hf, lnfree=loaded.lnfree, tokenizer=loaded.tokenizer, prepend_bos=prepend_bos,
@@ -219,7 +225,14 @@ def load_nnsight(
     across invokes (left-padded by nnsight, positions from the mask), gradients inside traces
     (``with metric.backward(): g = x.grad.save()``).
 
-    Args: as :func:`load_hf`.
+    Args:
+        src: as in :func:`load_hf`.
+        dtype: as in :func:`load_hf`.
+        device: as in :func:`load_hf`.
+        tokenizer: as in :func:`load_hf` (nnsight gets a copy: it sets the pad token and side).
+        expect_lnfree: as in :func:`load_hf`.
+        center_writing_weights: as in :func:`load_hf`.
+        center_unembed: as in :func:`load_hf`.
 
     Returns:
         ``nnsight.TransformersModel``; for a checkpoint without a tokenizer (which ``TransformersModel``
@@ -246,7 +259,9 @@ def load_unified(src: SourceLike, *, backend: Literal["hooked", "bridge"] | None
     batched with right padding and an attention mask), edits and gradients as in any nnsight trace.
 
     Args:
-        src, backend, **kwargs: as :func:`load_hooked`.
+        src: as in :func:`load_hooked`.
+        backend: as in :func:`load_hooked`.
+        **kwargs: the other options of :func:`load_hooked`.
 
     Returns:
         :class:`lnfree_interp.backends.nnsight.UnifiedModel` (an ``nnsight.NNsight``).

@@ -80,7 +80,8 @@ def logit_diff(answer: Any, wrong: Any = None, pos: int | list[int] = -1) -> Log
     """``logit[answer] - logit[wrong]`` at ``pos`` (``logit[answer]`` without ``wrong``), in logits.
 
     Args:
-        answer, wrong: token ids or single-token strings, one shared or one per prompt.
+        answer: token id or single-token string, one shared or one per prompt.
+        wrong: the same for the wrong answer (``None``: ``logit[answer]`` alone).
         pos: position, or one per prompt; negative counts from each prompt's last real token.
 
     Returns:
@@ -92,6 +93,8 @@ def logit_diff(answer: Any, wrong: Any = None, pos: int | list[int] = -1) -> Log
 def logprob(answer: Any, pos: int | list[int] = -1) -> LogProb:
     """``log softmax(logits)[answer]`` at ``pos``, in nats (not linear in the logits).
 
-    Args: as :func:`logit_diff`.
+    Args:
+        answer: token id or single-token string, one shared or one per prompt.
+        pos: position, or one per prompt; negative counts from each prompt's last real token.
     """
     return LogProb(answer, None, pos)

@@ -115,14 +115,16 @@ def attribution_patching(
 
     Args:
         model: anything the loaders return (or an LN baseline).
-        clean, corrupted: prompt pairs: strings or token ids ``[batch, pos]`` of equal shape.
+        clean: clean prompts: strings or token ids ``[batch, pos]``.
+        corrupted: corrupted prompts, of the same token shape as ``clean``.
         metric: callable on logits ``[batch, pos, d_vocab]`` returning ``[batch]``, differentiable, e.g.
             :func:`lnfree_interp.logit_diff` or :func:`lnfree_interp.logprob`.
         nodes: ``"head"`` (``L{l}H{h}``, each head's ``z``), ``"attn_out"``, ``"mlp_out"``,
             ``"neuron"`` (``L{l}N{n}``, MLP post-activations) or ``"resid_pre"``.
         per_position: keep positions separate (``values [node, pos, batch]``) or sum them
             (``[node, batch]``).
-        attention_mask, corrupted_attention_mask: masks for padded token ids.
+        attention_mask: mask for padded clean token ids.
+        corrupted_attention_mask: mask for padded corrupted token ids.
 
     Returns:
         :class:`AttributionResult` (``kind="atp"``) in the metric's units, with ``direct`` and
@@ -223,8 +225,13 @@ def activation_patching(
     forward pass (TransformerLens's ``get_act_patch_*`` runs one forward per node).
 
     Args:
-        model, clean, corrupted, metric, nodes, attention_mask, corrupted_attention_mask: as in
-            :func:`attribution_patching`.
+        model: as in :func:`attribution_patching`.
+        clean: as in :func:`attribution_patching`.
+        corrupted: as in :func:`attribution_patching`.
+        metric: as in :func:`attribution_patching`.
+        nodes: as in :func:`attribution_patching`.
+        attention_mask: as in :func:`attribution_patching`.
+        corrupted_attention_mask: as in :func:`attribution_patching`.
         per_position: patch each position separately (``values [node, pos, batch]``); else a node
             is patched at all positions at once (``[node, batch]``).
         positions: with ``per_position``, the positions to patch (default all).

@@ -142,12 +142,14 @@ def train_lm(
     weight_decay: float = 0.01,
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
+    aux_loss: Callable[[], Tensor] | None = None,
     progress: bool = True,
     desc: str = "training",
 ) -> list[float]:
     """Train a causal LM in place with AdamW, linear warm-up then cosine decay to 10% (seeded).
 
-    ``on_step(step)`` runs before each optimizer step (the removal schedule hooks in here).
+    ``on_step(step)`` runs before each optimizer step (the removal schedule hooks in here);
+    ``aux_loss()``, if given, is added to the cross-entropy after each forward pass.
 
     Returns:
         The training loss (nats) of every step.
@@ -176,8 +178,9 @@ def train_lm(
             on_step(step)
         x = next(data)
         loss = model(input_ids=x, labels=x).loss
+        total = loss if aux_loss is None else loss + aux_loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -197,6 +200,7 @@ def remove_layernorm(
     batch_size: int = 32,
     seq_len: int = 128,
     seed: int = 0,
+    aux_loss_weight: float = 0.0,
     progress: bool = True,
 ) -> tuple[nn.Module, list[float]]:
     """Fine-tune a GPT-2 while removing its LayerNorms on a schedule (arXiv 2507.02559, section 3).
@@ -205,7 +209,13 @@ def remove_layernorm(
         model: a ``transformers.GPT2LMHeadModel`` with LayerNorm (not modified: a copy is trained).
         tokens: 1-D stream of training token ids.
         schedule: when each LN goes (:class:`RemovalSchedule`); total steps follow from it.
-        lr, batch_size, seq_len, seed: AdamW fine-tuning settings (warm-up, cosine decay).
+        lr: AdamW peak learning rate (linear warm-up, cosine decay).
+        batch_size: sequences per step.
+        seq_len: tokens per sequence.
+        seed: seeds the initialisation-free parts: data order and dropout.
+        aux_loss_weight: weight of the paper code's auxiliary loss that makes the final residual's
+            per-token standard deviation uniform (``mean((std - mean(std))^2)`` at the input of
+            ``ln_f``); without ``ln_f`` an outlier norm becomes an outlier logit scale. 0 disables it.
         progress: show a tqdm bar.
 
     Returns:
@@ -223,9 +233,21 @@ def remove_layernorm(
         if step in events:
             model.get_submodule(events[step]).remove()
 
-    losses = train_lm(model, tokens, steps=schedule.total_steps(model.config.n_layer), lr=lr,
-                      batch_size=batch_size, seq_len=seq_len, seed=seed, on_step=on_step, progress=progress,
-                      desc="removing LayerNorm")
+    final: dict[str, Tensor] = {}
+    handle = model.transformer.ln_f.register_forward_pre_hook(lambda m, args: final.__setitem__("r", args[0]))
+
+    def uniform_norms() -> Tensor:
+        r = final["r"]
+        std = (r.var(dim=-1, unbiased=False) + 1e-5).sqrt()
+        return aux_loss_weight * (std - std.mean().detach()).pow(2).mean()
+
+    try:
+        losses = train_lm(model, tokens, steps=schedule.total_steps(model.config.n_layer), lr=lr,
+                          batch_size=batch_size, seq_len=seq_len, seed=seed, on_step=on_step,
+                          aux_loss=uniform_norms if aux_loss_weight > 0 else None, progress=progress,
+                          desc="removing LayerNorm")
+    finally:
+        handle.remove()
     return model, losses
 
 

@@ -39,9 +39,11 @@ class AttributionResult:
             folded) for DLA, so that ``values.sum(0) + bias == metric``.
         exact: DLA equals the true direct effect (LN-free model; the direct path is linear).
         note: how to read the numbers (e.g. the LN-baseline approximation).
-        direct, indirect: AtP only: the split ``values = direct + indirect``.
+        direct: AtP only: the part through the node's direct path to the logits.
+        indirect: AtP only: the rest, ``values - direct``.
         positions: per-position results: the sequence positions of ``values``' middle axis.
-        n_layers, n_heads: model sizes, for the layer x head heatmap.
+        n_layers: number of layers, for the layer x head heatmap.
+        n_heads: number of heads per layer.
     """
 
     values: Tensor
@@ -225,7 +227,10 @@ class Comparison:
         ci: bootstrap 95% confidence interval of ``nmae`` (resampling prompts).
         per_component: ``pandas.DataFrame`` with one row per component (``nmae`` per component, means).
         stats: further figures (correlations, sign agreement, normalised errors...).
-        a, b: the two flattened value tensors compared; ``layers`` their layer (for colouring).
+        a: the estimate, flattened (AtP, or DLA).
+        b: the reference, flattened (activation patching, or the direct effect).
+        layers: each element's layer (for colouring).
+        names: axis names of ``a`` and ``b``.
     """
 
     nmae: float

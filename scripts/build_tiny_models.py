@@ -111,10 +111,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--quick", action="store_true", help="tiny step counts, to try the pipeline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--gap", type=int, default=25, help="steps between LayerNorm removals")
-    parser.add_argument("--tail", type=int, default=150, help="steps after the last removal")
+    parser.add_argument("--gap", type=int, default=30, help="steps between LayerNorm removals")
+    parser.add_argument("--tail", type=int, default=200, help="steps after the last removal")
     args = parser.parse_args()
 
     from transformers import GPT2Config, GPT2LMHeadModel

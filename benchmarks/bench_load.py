@@ -1,0 +1,290 @@
+"""Benchmark: peak memory (and time) of loading a checkpoint, relative to its parameter bytes.
+
+What it measures
+----------------
+A random GPT-2-small-shaped checkpoint (124M parameters, float32) is saved twice to a temporary
+directory as safetensors, each with a small byte-level BPE tokenizer trained here (so no loader
+needs the Hub):
+
+* ``lnfree/``: the LN-free encoding (LayerNorm eps 1e12, weight x 1e6/s), for lnfree_interp's
+  loaders: ``load_hooked`` (default backend: HookedTransformer on TL 3.x, TransformerBridge on
+  TL 4.x), ``load_hooked(backend="bridge")``, ``load_hf`` and ``load_nnsight``.
+* ``layernorm/``: the same weights with ordinary LayerNorms, for TransformerLens's own processing
+  path (its LayerNorm folding needs real LayerNorms), as references:
+  - TL 3.x ``HookedTransformer``: ``GPT2LMHeadModel.from_pretrained(dir)``,
+    ``transformer_lens.pretrained.weight_conversions.gpt2.convert_gpt2_weights``, ``del`` the HF
+    model, ``HookedTransformer(cfg)`` with a hand-written ``HookedTransformerConfig`` (GPT-2's), then
+    ``load_and_process_state_dict(sd, fold_ln=True, center_writing_weights=True,
+    center_unembed=True)`` - the steps of ``HookedTransformer.from_pretrained``, offline;
+  - ``TransformerBridge.boot_transformers(dir)`` (offline from the local directory) followed by
+    ``enable_compatibility_mode(fold_ln=True, center_writing_weights=True, center_unembed=True)``
+    (TL's weight processing for bridges), on TL 3.9 and 4.x.
+  Whatever the installed TransformerLens cannot run is listed as skipped, with the reason.
+
+Every measurement runs in a fresh subprocess: it imports everything, loads a tiny checkpoint of the
+same kind through the same code path (so lazy imports and one-time initialisation are not counted),
+runs ``gc.collect()``, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and reads
+the RSS, then loads the GPT-2-small checkpoint. Reported: peak RSS during the load minus the RSS
+before it (kernel high-water mark; cross-checked against a 0.5 ms RSS sampling thread and
+``resource.getrusage().ru_maxrss``), the RSS still held afterwards (the model itself), and the load
+time; medians over ``--repeats`` subprocesses. Ratios are to the checkpoint's parameter bytes
+(tied embedding counted once). Goal (issue): ``load_hooked`` peak <= 2.5 x parameter bytes.
+
+Note: our loaders return an untied float32 ``lm_head`` with a bias (the final LayerNorm is folded
+into it), so the loaded model itself holds ~1.31 x the checkpoint's parameter bytes; TL's
+HookedTransformer also keeps an untied ``W_U``. Memory-mapped safetensors pages the loader touches
+count as resident while mapped.
+
+Usage::
+
+    python benchmarks/bench_load.py            # full (~5 min)
+    python benchmarks/bench_load.py --quick    # tiny checkpoint, 1 subprocess each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+GOAL = 2.5
+#: measurement -> (checkpoint kind, description)
+KINDS = {
+    "load_hooked": ("lnfree", "lnfree_interp.load_hooked (default backend)"),
+    "load_hooked_bridge": ("lnfree", "lnfree_interp.load_hooked(backend='bridge')"),
+    "load_hf": ("lnfree", "lnfree_interp.load_hf"),
+    "load_nnsight": ("lnfree", "lnfree_interp.load_nnsight"),
+    "tl_hooked_ref": ("layernorm", "TL 3.x: from_pretrained(HF) + convert + load_and_process_state_dict"),
+    "tl_bridge_ref": ("layernorm", "TL: TransformerBridge.boot_transformers + enable_compatibility_mode"),
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny checkpoint, 1 subprocess per measurement")
+    p.add_argument("--repeats", type=int, default=None, help="subprocesses per measurement (default 3; quick 1)")
+    p.add_argument("--only", nargs="+", choices=list(KINDS), default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--warm-dir", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ------------------------------------------------------------------------------------------------
+# child: one load
+# ------------------------------------------------------------------------------------------------
+
+
+def skip_reason(kind: str) -> str | None:
+    major = C.tl_major()
+    if kind == "load_hooked" and major >= 4:
+        return None  # default backend is the bridge there: still measured
+    if kind == "tl_hooked_ref" and major >= 4:
+        return (f"HookedTransformer and transformer_lens.pretrained were removed in TL {major}.x "
+                "(nothing to compare with)")
+    return None
+
+
+def loader(kind: str):
+    """A function ``directory -> model`` for ``kind``."""
+    import lnfree_interp as L
+
+    if kind == "load_hooked":
+        return lambda d: L.load_hooked(d)
+    if kind == "load_hooked_bridge":
+        return lambda d: L.load_hooked(d, backend="bridge")
+    if kind == "load_hf":
+        return lambda d: L.load_hf(d)
+    if kind == "load_nnsight":
+        return lambda d: L.load_nnsight(d)
+    if kind == "tl_hooked_ref":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+        from transformers import GPT2LMHeadModel
+
+        def tl_hooked(d):
+            hf = GPT2LMHeadModel.from_pretrained(d)
+            c = hf.config
+            cfg = HookedTransformerConfig(
+                model_name="gpt2-random", n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions,
+                n_heads=c.n_head, d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size,
+                act_fn=c.activation_function, eps=c.layer_norm_epsilon, normalization_type="LN",
+                positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+                default_prepend_bos=True, device="cpu")
+            sd = convert_gpt2_weights(hf, cfg)
+            del hf
+            model = HookedTransformer(cfg, move_to_device=False)
+            model.load_and_process_state_dict(sd, fold_ln=True, center_writing_weights=True, center_unembed=True)
+            return model
+
+        return tl_hooked
+    if kind == "tl_bridge_ref":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        def tl_bridge(d):
+            bridge = TransformerBridge.boot_transformers(str(d), device="cpu")
+            bridge.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=True,
+                                             center_unembed=True)
+            return bridge
+
+        return tl_bridge
+    raise ValueError(kind)
+
+
+def child(args: argparse.Namespace) -> None:
+    import gc
+    import resource
+
+    import torch  # noqa: F401  (import cost is not measured)
+    import transformers  # noqa: F401
+
+    reason = skip_reason(args.child)
+    if reason:
+        print("RESULT " + json.dumps({"skipped": reason}), flush=True)
+        return
+    try:
+        load = loader(args.child)
+        warm = load(args.warm_dir)  # lazy imports, one-time initialisation
+        del warm
+    except Exception as err:  # noqa: BLE001 - report, do not crash the table
+        print("RESULT " + json.dumps({"skipped": f"cannot run here: {type(err).__name__}: {err}"[:300]}), flush=True)
+        return
+    gc.collect()
+    with C.peak_rss() as peak:
+        t0 = time.perf_counter()
+        model = load(args.dir)
+        seconds = time.perf_counter() - t0
+        kept = C.rss()
+    p = peak[0]
+    # ru_maxrss reads the same high-water mark (reset by clear_refs where writable)
+    ru_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - p.before
+    n_params = C.param_bytes(model)
+    print("RESULT " + json.dumps({
+        "peak": p.best, "sampled": p.sampled, "hwm": p.hwm, "ru_maxrss": ru_max, "rss_after": kept - p.before,
+        "seconds": seconds, "model_param_bytes": n_params, "type": type(model).__name__,
+    }), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    text = ["The quick brown fox jumps over the lazy dog. When Mary and John went to the store, "
+            "John gave a drink to Mary."] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def save_checkpoints(root: str, shape: str) -> tuple[dict[str, str], int]:
+    """``{"lnfree": dir, "layernorm": dir}`` for ``shape`` and the checkpoint's parameter bytes."""
+    import gc
+
+    tok = train_tokenizer()
+    base = C.random_gpt2(shape)
+    nbytes = C.param_bytes(base)
+    dirs = {}
+    for name, model in (("layernorm", base), ("lnfree", C.hack_lnfree(base))):
+        d = os.path.join(root, f"{shape}-{name}")
+        model.save_pretrained(d)  # safetensors
+        tok.save_pretrained(d)
+        dirs[name] = d
+        del model
+    del base
+    gc.collect()
+    return dirs, nbytes
+
+
+def run_child(kind: str, directory: str, warm_dir: str) -> dict:
+    env = {**os.environ, "LNFREE_BENCH_NO_REEXEC": "1"}  # already carries the malloc settings
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--dir", directory, "--warm-dir", warm_dir]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"skipped": f"subprocess failed (rc {proc.returncode}): {tail[0][:200]}"}
+
+
+def main() -> None:
+    args = parse()
+    C.setup()
+    if args.child:
+        child(args)
+        return
+    shape = "tiny" if args.quick else "gpt2-small"
+    repeats = args.repeats or (1 if args.quick else 3)
+    kinds = args.only or list(KINDS)
+    C.banner("bench_load: peak memory of loading a checkpoint / its parameter bytes", [
+        C.versions(),
+        C.load_note() + " at start",
+        f"checkpoint: random GPT-2 ({shape}: {C.SHAPES[shape]}), float32 safetensors + tokenizer, "
+        "saved LN-free (ours) and with LayerNorm (TL references)",
+        f"{repeats} fresh subprocess(es) per measurement, medians; warm-up load of a tiny checkpoint in each",
+        C.calibrate_memory(),
+    ])
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lnfree_bench_load_") as root:
+        dirs, nbytes = save_checkpoints(root, shape)
+        warm_dirs, _ = save_checkpoints(root, "tiny") if shape != "tiny" else (dirs, 0)
+        print(f"checkpoint parameter bytes: {nbytes / C.MB:.1f} MB; saved in {time.perf_counter() - t_start:.0f}s",
+              flush=True)
+        results = {}
+        for kind in kinds:
+            ckpt = KINDS[kind][0]
+            runs = [run_child(kind, dirs[ckpt], warm_dirs[ckpt]) for _ in range(repeats)]
+            ok = [r for r in runs if "skipped" not in r]
+            results[kind] = ok if ok else runs[0]["skipped"]
+            status = f"{len(ok)}/{len(runs)} ok" if ok else f"skipped: {runs[0]['skipped']}"
+            print(f"  measured {kind}: {status}", flush=True)
+
+    rows, skipped = [], []
+    ratios = {}
+    for kind in kinds:
+        res = results[kind]
+        if isinstance(res, str):
+            skipped.append(f"{kind}: {res}")
+            continue
+        peak = C.med([r["peak"] for r in res])
+        ratio = peak / nbytes
+        ratios[kind] = ratio
+        goal = C.verdict(ratio, GOAL) if kind.startswith("load_") else ""
+        rows.append([
+            KINDS[kind][1], res[0]["type"], f"{peak / C.MB:.0f}", C.fmt_x(ratio), goal,
+            f"{C.med([r['sampled'] for r in res]) / C.MB:.0f}", f"{C.med([r['ru_maxrss'] for r in res]) / C.MB:.0f}",
+            f"{C.med([r['rss_after'] for r in res]) / C.MB:.0f}",
+            C.fmt_x(C.med([r['model_param_bytes'] for r in res]) / nbytes),
+            f"{C.med([r['seconds'] for r in res]):.2f}",
+        ])
+    print()
+    print(C.table(["loader", "returns", "peak MB", "peak/params", f"<= {GOAL}x", "sampler MB",
+                   "ru_maxrss-before MB", "held after MB", "model params/ckpt", "load s"], rows,
+                  title=f"--- load peak extra RSS, checkpoint parameter bytes {nbytes / C.MB:.1f} MB "
+                        f"(median of {repeats}) ---"))
+    print("peak = kernel high-water mark during the load minus RSS before it; 'held after' = RSS still "
+          "held when the load returned (the model); sampler: same peak by sampling; ru_maxrss-before: the process peak by getrusage (covers imports and the warm-up load too, so >= peak)")
+    for s in skipped:
+        print(f"skipped {s}")
+    summary = [[KINDS[k][1], C.fmt_x(v), f"<= {GOAL}x" if k.startswith("load_") else "reference",
+                C.verdict(v, GOAL) if k.startswith("load_") else ""] for k, v in ratios.items()]
+    print()
+    print(C.table(["loader", "peak / parameter bytes", "goal", "verdict"], summary, title="=== SUMMARY (bench_load) ==="))
+    print(C.load_note() + " at end")
+
+
+if __name__ == "__main__":
+    main()

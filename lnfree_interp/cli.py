@@ -1,0 +1,265 @@
+"""The ``lnfree-interp`` command line.
+
+    lnfree-interp demo                       # the paper's headline on the embedded models, offline
+    lnfree-interp info SRC                   # encoding, sizes, registry entry
+    lnfree-interp verify SRC --dtype float64 # max logit error of every backend vs the exact reference
+    lnfree-interp dla SRC --prompt "..." --answer " x" [--wrong " y"] [--by head] [--out DIR]
+    lnfree-interp patch SRC --clean "..." --corrupted "..." --answer " x" --wrong " y" [--out DIR]
+    lnfree-interp eval SRC [--text FILE]
+
+SRC is a Hub id or alias (``lnfree-interp list``), a local checkpoint directory, or an embedded
+model (``tiny-shakespeare-lnfree``). Exit codes: 0 success, 1 failure (an error, or a verification
+above tolerance), 2 usage error. Errors print as one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import LNFreeError
+
+EMBEDDED = ("tiny-shakespeare", "tiny-shakespeare-vanilla", "tiny-shakespeare-lnfree")
+
+
+class _Step:
+    """Prints ``[i/n] what ... done (1.2 s)``: progress for the slow parts of a command."""
+
+    def __init__(self, total: int):
+        self.total, self.i = total, 0
+
+    def __call__(self, what: str):
+        self.i += 1
+        print(f"[{self.i}/{self.total}] {what} ...", flush=True)
+        return _Timer()
+
+
+class _Timer:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            print(f"      done ({time.perf_counter() - self.t:.1f} s)", flush=True)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]
+
+
+def _load(args: argparse.Namespace, kind: str = "hooked", **kwargs: Any):
+    from . import load_hf, load_hooked
+
+    opts = {"dtype": _dtype(getattr(args, "dtype", "float32")), "expect_lnfree": not getattr(args, "baseline", False)}
+    opts.update(kwargs)
+    return load_hf(args.src, **opts) if kind == "hf" else load_hooked(args.src, **opts)
+
+
+def _table(df, floatfmt: str = "{:+.4f}") -> str:
+    return df.to_string(index=False, float_format=lambda v: floatfmt.format(v))
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .checkpoints import list_checkpoints
+
+    df = list_checkpoints()
+    print(df.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoints import inspect_checkpoint
+
+    print(inspect_checkpoint(args.src))
+    return 0
+
+
+def _backends() -> list[str]:
+    from .backends.tl import has_hooked_transformer
+
+    return ["hf", "hooked", "bridge", "nnsight", "unified"] if has_hooked_transformer() else \
+        ["hf", "bridge", "nnsight", "unified"]
+
+
+def verify_all(src: Any, dtype: Any, expect_lnfree: bool = True, quiet: bool = False) -> list:
+    """Load ``src`` through every available backend and verify each (see :func:`lnfree_interp.verify`)."""
+    from . import load_hf, load_hooked, load_nnsight, load_unified, verify
+
+    loaders = {"hf": lambda **kw: load_hf(src, **kw), "nnsight": lambda **kw: load_nnsight(src, **kw),
+               "hooked": lambda **kw: load_hooked(src, backend="hooked", **kw),
+               "bridge": lambda **kw: load_hooked(src, backend="bridge", **kw),
+               "unified": lambda **kw: load_unified(src, **kw)}
+    results = []
+    for name in _backends():
+        result = verify(loaders[name](dtype=dtype, expect_lnfree=expect_lnfree), src)
+        results.append(result)
+        if not quiet:
+            print(f"  {result}")
+    return results
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoints import inspect_checkpoint
+
+    info = inspect_checkpoint(args.src)
+    print(f"{info.source}: {info.encoding} ({'LN-free' if info.lnfree else 'with LayerNorm'}); "
+          f"reference: unfolded checkpoint in float64, hacked LNs written out")
+    results = verify_all(args.src, _dtype(args.dtype), expect_lnfree=not args.baseline)
+    failed = [r for r in results if not r.passed]
+    print("all backends within tolerance" if not failed else f"{len(failed)} backend(s) above tolerance")
+    return 1 if failed else 0
+
+
+def _write(result: Any, out: Path | None, stem: str) -> None:
+    if out is not None:
+        for path in result.save(out / stem):
+            print(f"  wrote {path}")
+
+
+def cmd_dla(args: argparse.Namespace) -> int:
+    from . import direct_logit_attribution
+
+    model = _load(args)
+    dla = direct_logit_attribution(model, args.prompt, args.answer, args.wrong, by=args.by, top_k=args.top_k)
+    what = f"logit[{args.answer!r}]" + (f" - logit[{args.wrong!r}]" if args.wrong else "")
+    print(f"{what}: model {dla.metric.mean():+.4f}, components + bias {dla.total().mean():+.4f} "
+          f"({'exact: LN-free' if dla.exact else 'approximate: ' + dla.note})")
+    print(_table(dla.top(args.top)))
+    _write(dla, Path(args.out) if args.out else None, "dla")
+    return 0
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    from . import activation_patching, attribution_patching, compare_attribution, logit_diff
+
+    model = _load(args)
+    if len(args.clean) != len(args.corrupted):
+        raise LNFreeError(f"{len(args.clean)} --clean prompts but {len(args.corrupted)} --corrupted.")
+    metric = logit_diff(args.answer, args.wrong)
+    atp = attribution_patching(model, args.clean, args.corrupted, metric, nodes=args.nodes, per_position=False)
+    act = activation_patching(model, args.clean, args.corrupted, metric, nodes=args.nodes)
+    cmp = compare_attribution(atp, act)
+    print(f"metric clean {atp.extra['metric_clean'].mean():+.4f}, corrupted {atp.extra['metric_corrupted'].mean():+.4f}")
+    print(cmp)
+    top = atp.top(args.top).rename(columns={"mean": "atp"})
+    top["activation_patching"] = [float(act[c].mean()) for c in top["component"]]
+    top["atp_direct"] = [float(atp.direct[atp.labels.index(c)].mean()) for c in top["component"]]
+    print(_table(top[["component", "atp", "atp_direct", "activation_patching"]]))
+    if args.out:
+        for path in cmp.save(Path(args.out) / "atp_vs_activation_patching"):
+            print(f"  wrote {path}")
+    return 0
+
+
+def heldout_sample() -> str:
+    """The held-out tiny-shakespeare text shipped with the embedded models."""
+    from .checkpoints import EMBEDDED_DIR
+
+    return (EMBEDDED_DIR / "heldout.txt").read_text()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate_loss
+
+    model = _load(args, kind="hf")
+    text = Path(args.text).read_text() if args.text else heldout_sample()
+    report = evaluate_loss(model, text, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    print(f"{args.src}: {report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lnfree-interp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def src(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+        p.add_argument("src", help="Hub id or alias, checkpoint directory, or embedded model name")
+        p.add_argument("--baseline", action="store_true",
+                       help="allow a checkpoint with real LayerNorm (an LN baseline)")
+        if dtype:
+            p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+
+    add("list", cmd_list, "list the known checkpoints and their reported losses")
+    p = add("info", cmd_info, "encoding, sizes and registry entry of a checkpoint (reads config + LN weights)")
+    p.add_argument("src", help="Hub id or alias, checkpoint directory, or embedded model name")
+    p = add("verify", cmd_verify, "max logit error of every backend against the exact float64 reference")
+    src(p)
+    p = add("dla", cmd_dla, "direct logit attribution of one or more prompts")
+    src(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
+    p.add_argument("--answer", required=True, help="answer token (single-token string or id)")
+    p.add_argument("--wrong", help="wrong-answer token: attribute the logit difference")
+    p.add_argument("--by", default="head", choices=["head", "layer", "neuron"])
+    p.add_argument("--top", type=int, default=10, help="rows of the table")
+    p.add_argument("--top-k", type=int, default=None, help="neurons kept with --by neuron")
+    p.add_argument("--out", help="directory for dla.png (heatmap) and dla.html (interactive)")
+    p = add("patch", cmd_patch, "attribution patching vs activation patching on prompt pairs")
+    src(p)
+    p.add_argument("--clean", action="append", required=True, help="clean prompt (repeat for a batch)")
+    p.add_argument("--corrupted", action="append", required=True, help="corrupted prompt, same token length")
+    p.add_argument("--answer", required=True)
+    p.add_argument("--wrong", required=True)
+    p.add_argument("--nodes", default="head", choices=["head", "attn_out", "mlp_out", "neuron", "resid_pre"])
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--out", help="directory for the scatter plot (PNG and HTML)")
+    p = add("eval", cmd_eval, "held-out loss: mean, median and percentile ranges (nats)")
+    src(p)
+    p.add_argument("--text", help="text file (default: the shipped held-out tiny-shakespeare sample)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p = add("demo", cmd_demo, "the paper's headline on the embedded tiny-shakespeare models, offline")
+    p.add_argument("--out", default="lnfree-demo", help="output folder for the figures (default ./lnfree-demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except (LNFreeError, FileNotFoundError, IsADirectoryError) as err:
+        if args.debug:
+            raise
+        print(f"lnfree-interp: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line for users, --debug for the traceback
+        if args.debug:
+            raise
+        print(f"lnfree-interp: unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
