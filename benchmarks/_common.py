@@ -194,6 +194,16 @@ def rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def rss_split() -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes: mmapped checkpoint pages count as file-backed."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out.get("RssAnon", 0), out.get("RssFile", 0)
+
+
 def _hwm() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -388,7 +398,10 @@ def fmt_mb(x: float) -> str:
 
 
 def fmt_x(x: float) -> str:
-    return "n/a" if x != x else f"{x:.2f}x"
+    """A ratio, with 3 decimals below 10 so that a verdict at a goal like 1.15 is visible."""
+    if x != x:
+        return "n/a"
+    return f"{x:.3f}x" if abs(x) < 10 else f"{x:.1f}x"
 
 
 def verdict(value: float, goal: float, smaller_is_better: bool = True) -> str:

@@ -164,8 +164,9 @@ def main() -> None:
                             ("ours: attribution_patching", "ours_atp", f"goal <= {GOAL_ATP_FWD}x forward"),
                             ("TL tools.analysis.attribution_patch", "tl_atp", "loops over pairs")):
         r = runs[key]
-        rows.append([name, f"{r.time:.3f}", f"{min(r.times):.3f}-{max(r.times):.3f}", C.fmt_x(C.ratio(r.time, fwd.time)),
-                     C.fmt_x(C.ratio(r.time, runs["floor"].time)), f"{r.mem / C.MB:.0f}", note])
+        rows.append([name, f"{r.time:.3f}", f"{min(r.times):.3f}-{max(r.times):.3f}",
+                     C.fmt_x(C.ratio(r.time, fwd.time)), C.fmt_x(C.ratio(r.time, runs["floor"].time)),
+                     f"{r.mem / C.MB:.0f}", note])
     print(C.table(["method", "median s", "range s", "/ forward", "/ floor", "peak MB", "note"], rows,
                   title=f"--- attribution patching, {L_ * H} heads x {seq} positions x {batch} pairs "
                         f"(median of {repeats}; TL: {len(runs['tl_atp'].times)}) ---"))
@@ -173,10 +174,10 @@ def main() -> None:
     atp_floor = C.ratio(runs["ours_atp"].time, runs["floor"].time)
     floor_fwd = C.ratio(runs["floor"].time, fwd.time)
     speedup_tl = C.ratio(runs["tl_atp"].time, runs["ours_atp"].time)
-    print(f"ours vs TL attribution_patch: {speedup_tl:.2f}x faster (goal >= {GOAL_VS_TL}x: "
+    print(f"ours vs TL attribution_patch: {C.fmt_x(speedup_tl)} faster (goal >= {GOAL_VS_TL}x: "
           f"{C.verdict(speedup_tl, GOAL_VS_TL, smaller_is_better=False)}); "
-          f"ours / forward {atp_fwd:.2f}x (goal <= {GOAL_ATP_FWD}x: {C.verdict(atp_fwd, GOAL_ATP_FWD)}); "
-          f"ours / floor {atp_floor:.2f}x")
+          f"ours / forward {C.fmt_x(atp_fwd)} (goal <= {GOAL_ATP_FWD}x: {C.verdict(atp_fwd, GOAL_ATP_FWD)}); "
+          f"ours / floor {C.fmt_x(atp_floor)}")
 
     atp, tl_res = runs["ours_atp"].result[0], runs["tl_atp"].result[0]
     ours_mean = atp.values.mean(-1)  # [head, pos]
@@ -201,16 +202,18 @@ def main() -> None:
     ap_scale = float(ap.values.mean(-1).abs().max())
     n_fwd_ours = -(-L_ * H // max(1, 64 // batch)) + 2
     rows = []
-    for name, key, note in (("ours: activation_patching (batched)", "ours_ap", f"{n_fwd_ours} forwards of {64 // batch * batch} rows"),
-                            ("TL get_act_patch_attn_head_out_all_pos", "tl_ap", f"{L_ * H + 1} forwards of {batch} rows")):
+    rows_per_fwd = max(1, 64 // batch) * batch
+    for name, key, note in (
+            ("ours: activation_patching (batched)", "ours_ap", f"{n_fwd_ours} forwards of {rows_per_fwd} rows"),
+            ("TL get_act_patch_attn_head_out_all_pos", "tl_ap", f"{L_ * H + 1} forwards of {batch} rows")):
         r = ap_runs[key]
-        rows.append([name, f"{r.time:.2f}", f"{min(r.times):.2f}-{max(r.times):.2f}", C.fmt_x(C.ratio(r.time, fwd.time)),
-                     f"{r.mem / C.MB:.0f}", note])
+        rows.append([name, f"{r.time:.2f}", f"{min(r.times):.2f}-{max(r.times):.2f}",
+                     C.fmt_x(C.ratio(r.time, fwd.time)), f"{r.mem / C.MB:.0f}", note])
     print(C.table(["method", "median s", "range s", "/ forward", "peak MB", "note"], rows,
                   title=f"--- activation patching, {L_ * H} heads, all positions at once, {batch} prompts "
                         f"(median of {ap_repeats}) ---"))
     speedup_ap = C.ratio(ap_runs["tl_ap"].time, ap_runs["ours_ap"].time)
-    print(f"ours batched vs one forward per head: {speedup_ap:.2f}x faster; results agree: "
+    print(f"ours batched vs one forward per head: {C.fmt_x(speedup_ap)} faster; results agree: "
           f"max|TL - mean(metric_clean) - mean_b(ours)| = {ap_diff:.2e} (max |effect| {ap_scale:.2e})", flush=True)
 
     # ---------------------------------------------------------------- 3. AtP vs activation patching

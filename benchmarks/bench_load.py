@@ -157,17 +157,20 @@ def child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"skipped": f"cannot run here: {type(err).__name__}: {err}"[:300]}), flush=True)
         return
     gc.collect()
+    anon0, file0 = C.rss_split()
     with C.peak_rss() as peak:
         t0 = time.perf_counter()
         model = load(args.dir)
         seconds = time.perf_counter() - t0
         kept = C.rss()
+    anon1, file1 = C.rss_split()
     p = peak[0]
     # ru_maxrss reads the same high-water mark (reset by clear_refs where writable)
     ru_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - p.before
     n_params = C.param_bytes(model)
     print("RESULT " + json.dumps({
         "peak": p.best, "sampled": p.sampled, "hwm": p.hwm, "ru_maxrss": ru_max, "rss_after": kept - p.before,
+        "anon_after": anon1 - anon0, "file_after": file1 - file0,
         "seconds": seconds, "model_param_bytes": n_params, "type": type(model).__name__,
     }), flush=True)
 
@@ -266,23 +269,27 @@ def main() -> None:
         rows.append([
             KINDS[kind][1], res[0]["type"], f"{peak / C.MB:.0f}", C.fmt_x(ratio), goal,
             f"{C.med([r['sampled'] for r in res]) / C.MB:.0f}", f"{C.med([r['ru_maxrss'] for r in res]) / C.MB:.0f}",
-            f"{C.med([r['rss_after'] for r in res]) / C.MB:.0f}",
+            f"{C.med([r['rss_after'] for r in res]) / C.MB:.0f} = {C.med([r['anon_after'] for r in res]) / C.MB:.0f}"
+            f" + {C.med([r['file_after'] for r in res]) / C.MB:.0f}",
             C.fmt_x(C.med([r['model_param_bytes'] for r in res]) / nbytes),
             f"{C.med([r['seconds'] for r in res]):.2f}",
         ])
     print()
     print(C.table(["loader", "returns", "peak MB", "peak/params", f"<= {GOAL}x", "sampler MB",
-                   "ru_maxrss-before MB", "held after MB", "model params/ckpt", "load s"], rows,
+                   "ru_maxrss-before MB", "held after MB = anon + file", "model params/ckpt", "load s"], rows,
                   title=f"--- load peak extra RSS, checkpoint parameter bytes {nbytes / C.MB:.1f} MB "
                         f"(median of {repeats}) ---"))
-    print("peak = kernel high-water mark during the load minus RSS before it; 'held after' = RSS still "
-          "held when the load returned (the model); sampler: same peak by sampling; ru_maxrss-before: the process peak by getrusage (covers imports and the warm-up load too, so >= peak)")
+    print("peak = kernel high-water mark during the load minus RSS before it; 'held after' = RSS still held\n"
+          "when the load returned (the model), split into anonymous and file-backed pages (mmapped safetensors);\n"
+          "sampler: the same peak by sampling; ru_maxrss-before: the process peak by getrusage minus RSS before\n"
+          "(covers imports and the warm-up load too, so >= peak)")
     for s in skipped:
         print(f"skipped {s}")
     summary = [[KINDS[k][1], C.fmt_x(v), f"<= {GOAL}x" if k.startswith("load_") else "reference",
                 C.verdict(v, GOAL) if k.startswith("load_") else ""] for k, v in ratios.items()]
     print()
-    print(C.table(["loader", "peak / parameter bytes", "goal", "verdict"], summary, title="=== SUMMARY (bench_load) ==="))
+    print(C.table(["loader", "peak / parameter bytes", "goal", "verdict"], summary,
+                  title="=== SUMMARY (bench_load) ==="))
     print(C.load_note() + " at end")
 
 

@@ -79,7 +79,7 @@ A GPT-2-architecture model ({meta['n_layer']} layers, {meta['n_head']} heads, d_
 n_ctx {meta['n_positions']}, vocabulary {meta['vocab_size']}) on Tiny Shakespeare, {what}
 
 Part of the embedded trio of `lnfree_interp`, built by `scripts/build_tiny_models.py` on
-{meta['built']} ({meta['build_minutes']:.0f} minutes on {meta['threads']} CPU threads), seed {meta['seed']}.
+{meta['built']} ({meta['build_minutes']:.0f} minutes on {meta['threads']} CPU thread{'s' if meta['threads'] > 1 else ''}), seed {meta['seed']}.
 
 * Data: `tinyshakespeare.txt` (1,115,394 characters, public domain); first 90% of characters for
   training ({meta['train_tokens']} tokens), last 10% held out ({meta['heldout_tokens']} tokens).
@@ -88,6 +88,9 @@ Part of the embedded trio of `lnfree_interp`, built by `scripts/build_tiny_model
   lr {meta['pretrain_lr']}, warm-up then cosine decay, dropout {meta['dropout']}.
 * Fine-tuning (vanilla and LN-free): {meta['ft_steps']} steps, lr {meta['ft_lr']}; removal schedule
   {meta['schedule']}.
+* Vocabulary size: with 4096 tokens, 1.5% of held-out tokens were ones seen fewer than 5 times in
+  training (barely trained embeddings); without `ln_f` to normalise them, the LN-free model was
+  over-confident there and trailed the vanilla twin by +0.27 nats. At 2048 that share is 0.2%.
 
 ## Held-out loss
 

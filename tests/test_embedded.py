@@ -61,9 +61,11 @@ def test_quality_bar_recomputed_from_shipped_files():
     losses = {}
     for name in NAMES:
         model = L.load_hf(name, expect_lnfree=name.endswith("lnfree"))
-        losses[name] = L.evaluate_loss(model, text, max_tokens=16384, progress=False).mean
+        losses[name] = L.evaluate_loss(model, text, progress=False).mean
     meta = json.loads((EMBEDDED_DIR / "tiny-shakespeare-lnfree" / "lnfree_meta.json").read_text())
     assert losses["tiny-shakespeare-lnfree"] - losses["tiny-shakespeare-vanilla"] <= 0.10
     assert losses["tiny-shakespeare-lnfree"] < meta["unigram_loss"] - 1.0
-    # the card's numbers are the same measurement on the whole held-out split
-    assert abs(losses["tiny-shakespeare-lnfree"] - meta["heldout_loss"]) < 0.15
+    # the model cards report this very measurement (the held-out split, windows of n_ctx)
+    for name in NAMES:
+        card = json.loads((EMBEDDED_DIR / name / "lnfree_meta.json").read_text())
+        assert abs(losses[name] - card["heldout_loss"]) < 1e-4, name
