@@ -70,11 +70,10 @@ def _capture(backend: Backend, tokens: Tensor, mask: Tensor, pos: Tensor, names:
     weight = mask.to(backend.dtype)
 
     def keep(name: str):
-        def fn(act: Tensor) -> Tensor:
+        def fn(act: Tensor) -> None:
             acts[name] = act[rows, pos].detach().clone()
             if sums:
                 totals[name] = torch.einsum("bp...,bp->...", act.detach(), weight.to(act.dtype))
-            return act
         return fn
 
     with torch.no_grad(), eval_mode(backend), backend.hooks({n: keep(n) for n in names}):

@@ -86,9 +86,8 @@ def _run_capture(backend: Backend, tokens: Tensor, mask: Tensor, names: list[str
     store: dict[str, Tensor] = {}
 
     def keep(name: str):
-        def fn(act: Tensor) -> Tensor:
+        def fn(act: Tensor) -> None:
             store[name] = act.detach()
-            return act
         return fn
 
     with torch.no_grad(), backend.hooks({n: keep(n) for n in names}):

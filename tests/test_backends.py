@@ -16,8 +16,12 @@ def test_every_backend_exposes_the_same_weights_and_hooks(loader, models):
     backend = get_backend(load(loader, models["schaeff"], dtype=torch.float64))
     assert backend.name == loader
     w, w_ref = backend.weights(), ref.weights()
-    for field in ("W_O", "b_O", "W_out", "b_out", "W_U", "b_U"):
-        assert torch.equal(getattr(w, field).detach(), getattr(w_ref, field).detach()), field
+    for field in ("W_O", "b_O", "W_out", "b_out"):
+        assert len(getattr(w, field)) == 2
+        for mine, ref_t in zip(getattr(w, field), getattr(w_ref, field)):
+            assert torch.equal(mine.detach(), ref_t.detach()), field
+    assert w.W_O[1].shape == (4, 16, 64) and w.W_out[0].shape == (256, 64)
+    assert torch.equal(w.W_U.detach(), w_ref.W_U.detach()) and torch.equal(w.b_U.detach(), w_ref.b_U.detach())
     tokens = torch.randint(0, backend.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
     seen = {}
     names = ["hook_embed", "blocks.1.attn.hook_z", "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,21 +27,23 @@ from torch import Tensor
 
 from ..errors import LNFreeError
 
-#: A hook function: gets the activation in TransformerLens layout, returns it (or a replacement).
-HookFn = Callable[[Tensor], Tensor]
+#: A hook function: gets the activation in TransformerLens layout; returns a replacement, or ``None``
+#: to leave it unchanged. (Return the activation itself to take gradients through it: a
+#: TransformerBridge then uses the returned tensor downstream.)
+HookFn = Callable[[Tensor], "Tensor | None"]
 
 
 @dataclass(frozen=True)
 class Weights:
     """The weights that write to the residual stream and the unembedding, TransformerLens layout.
 
-    Views of the model's parameters (never copies, never written to).
+    Per-layer lists of views of the model's parameters (never copies, never written to).
     """
 
-    W_O: Tensor  #: [n_layers, n_heads, d_head, d_model]
-    b_O: Tensor  #: [n_layers, d_model]
-    W_out: Tensor  #: [n_layers, d_mlp, d_model]
-    b_out: Tensor  #: [n_layers, d_model]
+    W_O: Sequence[Tensor]  #: per layer [n_heads, d_head, d_model]
+    b_O: Sequence[Tensor]  #: per layer [d_model]
+    W_out: Sequence[Tensor]  #: per layer [d_mlp, d_model]
+    b_out: Sequence[Tensor]  #: per layer [d_model]
     W_U: Tensor  #: [d_model, d_vocab], final LN affine folded in
     b_U: Tensor  #: [d_vocab]
 

@@ -58,12 +58,12 @@ class HFBackend(Backend):
 
     def weights(self) -> Weights:
         h = self.hf.transformer.h
-        L, H, dh, d = self.n_layers, self.n_heads, self.d_head, self.d_model
+        H, dh, d = self.n_heads, self.d_head, self.d_model
         return Weights(
-            W_O=torch.stack([b.attn.c_proj.weight for b in h]).view(L, H, dh, d),
-            b_O=torch.stack([b.attn.c_proj.bias for b in h]),
-            W_out=torch.stack([b.mlp.c_proj.weight for b in h]),
-            b_out=torch.stack([b.mlp.c_proj.bias for b in h]),
+            W_O=[b.attn.c_proj.weight.view(H, dh, d) for b in h],  # Conv1D weight: [in, out]
+            b_O=[b.attn.c_proj.bias for b in h],
+            W_out=[b.mlp.c_proj.weight for b in h],
+            b_out=[b.mlp.c_proj.bias for b in h],
             W_U=self.hf.lm_head.weight.T,
             b_U=self.hf.lm_head.bias,
         )
@@ -104,10 +104,11 @@ class HFBackend(Backend):
         H, dh = self.n_heads, self.d_head
 
         def wrap(fn: HookFn, z: bool):
-            def call(x: Tensor) -> Tensor:
+            def call(x: Tensor) -> Tensor | None:
                 if not z:
                     return fn(x)
-                return fn(x.view(*x.shape[:-1], H, dh)).reshape(x.shape)
+                out = fn(x.view(*x.shape[:-1], H, dh))
+                return None if out is None else out.reshape(x.shape)
             return call
 
         try:
@@ -117,8 +118,10 @@ class HFBackend(Backend):
                 if where == "out":
                     handles.append(module.register_forward_hook(lambda m, a, out, call=call: call(out)))
                 else:
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, args, call=call: (call(args[0]), *args[1:])))
+                    def pre(m, args, call=call):
+                        out = call(args[0])
+                        return None if out is None else (out, *args[1:])
+                    handles.append(module.register_forward_pre_hook(pre))
             yield
         finally:
             for h in handles:

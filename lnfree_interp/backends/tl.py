@@ -70,15 +70,16 @@ class TLBackend(Backend):
     def weights(self) -> Weights:
         m = self.tl
         if self.name == "bridge":
-            blocks = m.blocks
-            W_O = torch.stack([b.attn.o.original_component.weight for b in blocks])
-            b_O = torch.stack([b.attn.o.original_component.bias for b in blocks])
-            W_out = torch.stack([b.mlp.out.original_component.weight for b in blocks])
-            b_out = torch.stack([b.mlp.out.original_component.bias for b in blocks])
+            # the HF modules the bridge wraps (HF Conv1D: weight [in, out]); the bridge's own b_U is
+            # a zero buffer in TL 4.x, while our folded lm_head has a bias
+            o = [b.attn.o.original_component for b in m.blocks]
+            out = [b.mlp.out.original_component for b in m.blocks]
             lm_head = m.unembed.original_component
-            return Weights(W_O.view(self.n_layers, self.n_heads, self.d_head, self.d_model), b_O, W_out, b_out,
-                           lm_head.weight.T, lm_head.bias)
-        return Weights(m.W_O, m.b_O, m.W_out, m.b_out, m.W_U, m.b_U)
+            return Weights([x.weight.view(self.n_heads, self.d_head, self.d_model) for x in o], [x.bias for x in o],
+                           [x.weight for x in out], [x.bias for x in out], lm_head.weight.T, lm_head.bias)
+        blocks = m.blocks
+        return Weights([b.attn.W_O for b in blocks], [b.attn.b_O for b in blocks], [b.mlp.W_out for b in blocks],
+                       [b.mlp.b_out for b in blocks], m.W_U, m.b_U)
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.tl(tokens, attention_mask=attention_mask, return_type="logits")
