@@ -72,8 +72,10 @@ class AttributionResult:
 
     def assert_exact(self, rtol: float | None = None) -> None:
         """Raise unless these values are exact: an LN-free model's DLA (or a direct effect), whose
-        components plus bias reproduce the metric to ``rtol`` relative to max |metric| (default
-        1e-10 in float64, 1e-5 otherwise).
+        components plus bias reproduce the metric to ``rtol`` relative to the size of the summands,
+        max over the batch of sum |component| + |bias| (the scale floating-point rounding of a sum
+        grows with; default 1e-10 in float64, 1e-5 otherwise). Relative to |metric| alone would fail
+        spuriously on a near-zero logit difference.
 
         Raises:
             LNFreeError: the model has LayerNorm (DLA is then an approximation), or the sum is off.
@@ -87,10 +89,13 @@ class AttributionResult:
         if self.kind == "dla":
             rtol = rtol if rtol is not None else (1e-10 if self.values.dtype == torch.float64 else 1e-5)
             err = float((self.total() - self.metric).abs().max())
-            ref = max(float(self.metric.abs().max()), 1e-30)
+            scale = self.values.abs().flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.abs().sum(0)
+            if self.bias is not None:
+                scale = scale + self.bias.abs()
+            ref = max(float(scale.max()), float(self.metric.abs().max()), 1e-30)
             if err > rtol * ref:
                 raise LNFreeError(f"DLA components sum to the metric only within {err:.3g} (relative "
-                                  f"{err / ref:.3g} > {rtol:g}).")
+                                  f"{err / ref:.3g} of the summands' scale > {rtol:g}).")
 
     def mean(self) -> Tensor:
         """Mean over the batch: ``[component]`` (or ``[component, pos]``)."""

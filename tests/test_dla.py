@@ -236,3 +236,17 @@ def test_hooks_removed_and_mode_restored_after_errors(models):
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
     dla = L.direct_logit_attribution(model, _tokens(models["schaeff"].config.vocab_size), 3)
     assert model.training and (dla.total() - dla.metric).abs().max() <= 1e-4
+
+
+def test_assert_exact_tolerance_scales_with_the_summands_not_the_metric():
+    # A near-zero logit difference (the quickstart's ',' vs ' a') made of O(10) float32
+    # components: rounding error ~1e-6 is exact to float32, though 1e-5 * |metric| is smaller.
+    values = torch.tensor([[12.0], [-7.5], [-4.4772]], dtype=torch.float32)
+    metric = torch.tensor([0.0228 + 6e-7])
+    bias = torch.tensor([0.0])
+    ok = L.AttributionResult(values, ["L0H0", "0_mlp_out", "embed"], metric, "dla", 1, 1, bias=bias, exact=True)
+    ok.assert_exact()
+    off = L.AttributionResult(values, ["L0H0", "0_mlp_out", "embed"], metric + 0.01, "dla", 1, 1,
+                              bias=bias, exact=True)
+    with pytest.raises(LNFreeError, match="summands"):
+        off.assert_exact()
