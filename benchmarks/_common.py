@@ -57,6 +57,9 @@ def setup(threads: int | None = None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)  # e.g. TL's "Tried to compute head results when they were already cached"
     import torch
 
     if threads:
