@@ -218,7 +218,7 @@ def main() -> None:
             ["method", "time s", "fwd s", "time/fwd", f"<= {GOAL_TIME}x", "peak MB", "fwd peak MB",
              "peak/fwd", f"<= {GOAL_MEM}x", "sampler MB (call/fwd)"], rows,
             title=f"--- batch {batch} x seq {seq}  (median of {repeats}; measured in {elapsed:.0f}s) ---"))
-        print(f"time spread (min-max, s): " + ", ".join(
+        print("time spread (min-max, s): " + ", ".join(
             f"{k} {min(v.times):.3f}-{max(v.times):.3f}" for k, v in runs.items()))
         print(f"agreement: {agree}; max|ours/{kind} - ours/nnsight| {nn_diff:.2e}; "
               f"max|sum(values)+bias - metric| {sum_err:.2e} (max |metric| {metric_scale:.2e})", flush=True)

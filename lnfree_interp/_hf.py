@@ -94,9 +94,14 @@ def reference_model(source: Source, lns: list[LNState] | None, dtype: torch.dtyp
         return build_gpt2(config, sd, identity_ln=True)
     with init_empty_weights(include_buffers=False):
         model = GPT2LMHeadModel(config)
+        if "lm_head.bias" in sd:  # an LN baseline folded by this library: ln_f's bias lives here
+            model.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=True)
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    model.load_state_dict(sd, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise LNFreeError(f"The reference model cannot hold this checkpoint: missing {missing}, "
+                          f"unexpected {unexpected}.")
     model.tie_weights()
     for ln in lns:
         module = model.get_submodule(ln.name)

@@ -62,6 +62,26 @@ def _load(args: argparse.Namespace, kind: str = "hooked", **kwargs: Any):
     return load_hf(args.src, **opts) if kind == "hf" else load_hooked(args.src, **opts)
 
 
+def _token(text: str | None) -> Any:
+    """``id:262`` is token id 262; anything else a (single-token) string such as ``" be"``."""
+    if text is not None and text.startswith("id:"):
+        try:
+            return int(text[3:])
+        except ValueError:
+            raise LNFreeError(f"{text!r}: write a token id as id:N, e.g. id:262.") from None
+    return text
+
+
+def _out_dir(out: str | None) -> Path | None:
+    """The output folder, checked before any computation."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise LNFreeError(f"--out {out} is an existing file; pass a directory (it is created if missing).")
+    return path
+
+
 def _table(df, floatfmt: str = "{:+.4f}") -> str:
     return df.to_string(index=False, float_format=lambda v: floatfmt.format(v))
 
@@ -129,23 +149,26 @@ def _write(result: Any, out: Path | None, stem: str) -> None:
 def cmd_dla(args: argparse.Namespace) -> int:
     from . import direct_logit_attribution
 
+    out = _out_dir(args.out)
     model = _load(args)
-    dla = direct_logit_attribution(model, args.prompt, args.answer, args.wrong, by=args.by, top_k=args.top_k)
+    dla = direct_logit_attribution(model, args.prompt, _token(args.answer), _token(args.wrong), by=args.by,
+                                   top_k=args.top_k)
     what = f"logit[{args.answer!r}]" + (f" - logit[{args.wrong!r}]" if args.wrong else "")
     print(f"{what}: model {dla.metric.mean():+.4f}, components + bias {dla.total().mean():+.4f} "
           f"({'exact: LN-free' if dla.exact else 'approximate: ' + dla.note})")
     print(_table(dla.top(args.top)))
-    _write(dla, Path(args.out) if args.out else None, "dla")
+    _write(dla, out, "dla")
     return 0
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
     from . import activation_patching, attribution_patching, compare_attribution, logit_diff
 
+    out = _out_dir(args.out)
     model = _load(args)
     if len(args.clean) != len(args.corrupted):
         raise LNFreeError(f"{len(args.clean)} --clean prompts but {len(args.corrupted)} --corrupted.")
-    metric = logit_diff(args.answer, args.wrong)
+    metric = logit_diff(_token(args.answer), _token(args.wrong))
     atp = attribution_patching(model, args.clean, args.corrupted, metric, nodes=args.nodes, per_position=False)
     act = activation_patching(model, args.clean, args.corrupted, metric, nodes=args.nodes)
     cmp = compare_attribution(atp, act)
@@ -155,9 +178,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
     top["activation_patching"] = [float(act[c].mean()) for c in top["component"]]
     top["atp_direct"] = [float(atp.direct[atp.labels.index(c)].mean()) for c in top["component"]]
     print(_table(top[["component", "atp", "atp_direct", "activation_patching"]]))
-    if args.out:
-        for path in cmp.save(Path(args.out) / "atp_vs_activation_patching"):
-            print(f"  wrote {path}")
+    _write(cmp, out, "atp_vs_activation_patching")
     return 0
 
 
@@ -181,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(_out_dir(args.out))
     return 0
 
 
@@ -189,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lnfree-interp", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lnfree-interp", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -214,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dla", cmd_dla, "direct logit attribution of one or more prompts")
     src(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
-    p.add_argument("--answer", required=True, help="answer token (single-token string or id)")
-    p.add_argument("--wrong", help="wrong-answer token: attribute the logit difference")
+    p.add_argument("--answer", required=True, help="answer token: a single-token string (' be') or id:N")
+    p.add_argument("--wrong", help="wrong-answer token (string or id:N): attribute the logit difference")
     p.add_argument("--by", default="head", choices=["head", "layer", "neuron"])
     p.add_argument("--top", type=int, default=10, help="rows of the table")
     p.add_argument("--top-k", type=int, default=None, help="neurons kept with --by neuron")
@@ -224,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     src(p)
     p.add_argument("--clean", action="append", required=True, help="clean prompt (repeat for a batch)")
     p.add_argument("--corrupted", action="append", required=True, help="corrupted prompt, same token length")
-    p.add_argument("--answer", required=True)
-    p.add_argument("--wrong", required=True)
+    p.add_argument("--answer", required=True, help="answer token: a single-token string (' be') or id:N")
+    p.add_argument("--wrong", required=True, help="wrong-answer token (string or id:N)")
     p.add_argument("--nodes", default="head", choices=["head", "attn_out", "mlp_out", "neuron", "resid_pre"])
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", help="directory for the scatter plot (PNG and HTML)")
@@ -249,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LNFreeError, FileNotFoundError, IsADirectoryError) as err:
         if args.debug:
             raise
-        print(f"lnfree-interp: error: {err}", file=sys.stderr)
+        print(f"lnfree-interp: error: {str(err).replace('pass expect_lnfree=False', 'pass --baseline')}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

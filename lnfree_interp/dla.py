@@ -210,6 +210,11 @@ def _attribute(*args, **kwargs):
 
 
 def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layers, top_k, ablation, want_dla):
+    if by != "neuron" and (top_k is not None or layers is not None):
+        raise LNFreeError(f"top_k and layers select MLP neurons, so they need by='neuron' (got by={by!r}); "
+                          "for the largest components of any result use result.top(k).")
+    if top_k is not None and int(top_k) < 1:
+        raise LNFreeError(f"top_k={top_k} must be at least 1.")
     backend, tokens, mask, pos_idx, a_ids, w_ids, layers, direction, bias = _setup(
         model, inputs, answer, wrong, pos, attention_mask, by, layers)
     names = _hook_names(backend, by, layers)
@@ -348,15 +353,21 @@ def direct_effect(
         top_k: as in :func:`direct_logit_attribution`.
         components: ``"head"``, ``"layer"`` or ``"neuron"`` (the same rows as DLA's ``by``).
         ablation: ``"zero"`` (remove the component's write), ``"mean"`` (replace it by its mean over
-            every real token of ``inputs``), or corrupted inputs (strings / token ids, same batch
-            size) whose activations at the same position replace the clean ones.
+            every real token of ``inputs``), or corrupted inputs (a list of strings, or token ids
+            ``[batch, pos]``; same batch size) whose activations at the same position replace the
+            clean ones.
 
     Returns:
         :class:`AttributionResult` (``kind="direct_effect"``), ``values [component, batch]`` in logits.
 
     Raises:
-        LNFreeError: as :func:`direct_logit_attribution`; corrupted inputs of another batch size.
+        LNFreeError: as :func:`direct_logit_attribution`; an unknown ``ablation`` string (a bare
+            string is never read as a corrupted prompt, so a typo cannot pass silently); corrupted
+            inputs of another batch size.
     """
+    if ablation is None or (isinstance(ablation, str) and ablation not in ("zero", "mean")):
+        raise LNFreeError(f"ablation={ablation!r} is not 'zero' or 'mean'. For corrupted inputs pass a list of "
+                          "strings or token ids [batch, pos] (one corrupted prompt: a one-element list).")
     backend, comp, cap, (values,), _ = _attribute(model, inputs, answer, wrong, pos, attention_mask, components,
                                                   layers, top_k, ablation, want_dla=False)
     labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]

@@ -67,7 +67,8 @@ def evaluate_loss(
         :class:`LossReport` (mean, median, 95% and 99.9% percentile ranges, in nats).
 
     Raises:
-        LNFreeError: text without a tokenizer, too few tokens, ``seq_len`` beyond ``n_ctx``.
+        LNFreeError: text without a tokenizer, a list of texts, non-integer ids, too few tokens,
+            ``seq_len`` outside ``[2, n_ctx]``, ``batch_size < 1``.
     """
     from tqdm.auto import tqdm
 
@@ -79,14 +80,24 @@ def evaluate_loss(
         tok = get_tokenizer(backend.model)
         if tok is None:
             raise LNFreeError("evaluate_loss got text but the model has no tokenizer; pass token ids.")
-        stream = torch.as_tensor(tok(text_or_tokens, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        # verbose=False: no "Token indices sequence length is longer than..." (we cut windows)
+        ids = tok(text_or_tokens, add_special_tokens=False, verbose=False)["input_ids"]
+        stream = torch.as_tensor(ids, dtype=torch.long)
+    elif isinstance(text_or_tokens, (list, tuple)) and any(isinstance(t, str) for t in text_or_tokens):
+        raise LNFreeError("evaluate_loss takes one text (a string) or token ids; join several documents first, "
+                          "e.g. '\\n\\n'.join(texts).")
     else:
-        stream = torch.as_tensor(text_or_tokens, dtype=torch.long).reshape(-1)
+        stream = torch.as_tensor(text_or_tokens)
+        if stream.is_floating_point() or stream.dtype == torch.bool:
+            raise LNFreeError(f"Token ids must be integers, got {stream.dtype}.")
+        stream = stream.long().reshape(-1)
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    seq_len = seq_len or backend.n_ctx
+    seq_len = backend.n_ctx if seq_len is None else int(seq_len)
     if seq_len > backend.n_ctx or seq_len < 2:
         raise LNFreeError(f"seq_len={seq_len} must be between 2 and n_ctx={backend.n_ctx}.")
+    if batch_size < 1:
+        raise LNFreeError(f"batch_size={batch_size} must be at least 1.")
     n_windows = stream.numel() // seq_len
     if n_windows == 0:
         raise LNFreeError(f"Need at least seq_len={seq_len} tokens, got {stream.numel()}.")

@@ -9,6 +9,7 @@ left and right padding alike.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,11 +142,29 @@ def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
     return hit.float().argmax(-1)
 
 
-def as_list(token: Any) -> list:
-    """A token spec (id, string, or a sequence / 1-D tensor of them) as a list."""
-    if isinstance(token, (str, int)) or (torch.is_tensor(token) and token.ndim == 0):
-        return [token]
-    return list(token.tolist() if torch.is_tensor(token) else token)
+def as_list(token: Any, what: str = "answer") -> list:
+    """A token spec (an id, a single-token string, or a list / 1-D tensor / array of them) as a list.
+
+    Raises:
+        LNFreeError: anything else (``None``, floats, a 2-D tensor...).
+    """
+    if isinstance(token, (str, numbers.Integral)) and not isinstance(token, bool):
+        items = [token]
+    elif torch.is_tensor(token) or hasattr(token, "__array__"):
+        t = torch.as_tensor(token)
+        if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
+            raise LNFreeError(f"{what} must be one token id per prompt: got a {t.dtype} tensor of shape "
+                              f"{tuple(t.shape)}; pass integer ids of shape [batch] (or one id).")
+        items = t.reshape(-1).tolist()
+    elif isinstance(token, (list, tuple)):
+        items = list(token)
+    else:
+        items = [token]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, numbers.Integral)):
+            raise LNFreeError(f"{what}={item!r} ({type(item).__name__}) is not a token id or a single-token "
+                              "string; pass e.g. ' Mary' or 5, or one per prompt.")
+    return items
 
 
 def token_ids(backend: Any, token: Any, batch: int, what: str) -> Int[Tensor, "batch"]:
@@ -153,10 +172,10 @@ def token_ids(backend: Any, token: Any, batch: int, what: str) -> Int[Tensor, "b
 
     Raises:
         LNFreeError: a string that is not exactly one token (naming the split), an id outside the
-            vocabulary, or a count that is neither 1 nor ``batch``.
+            vocabulary, a count that is neither 1 nor ``batch``, or something that is neither.
     """
     ids = []
-    for item in as_list(token):
+    for item in as_list(token, what):
         if isinstance(item, str):
             tok = get_tokenizer(backend.model)
             if tok is None:

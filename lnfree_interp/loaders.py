@@ -107,7 +107,10 @@ def load_hf(
     ``nn.Identity`` and ``lm_head`` an untied ``nn.Linear`` with a bias (``ln_f``'s bias folded), so
     the model's logits equal the checkpoint's centre-and-affine computation exactly. The model is in
     eval mode; ``model.tokenizer`` holds the tokenizer (or ``None``). ``model.save_pretrained(dir)``
-    writes a checkpoint that loads back identically (encoding ``"folded"``).
+    writes a checkpoint that loads back identically through this library (encoding ``"folded"``);
+    plain ``GPT2LMHeadModel.from_pretrained`` cannot hold identity LayerNorms or an unembedding
+    bias (its load report lists them as missing / unexpected, and its logits are wrong), so share
+    the original checkpoint, or :func:`save_lnfree`'s schaeff encoding, with plain transformers users.
 
     Args:
         src: Hub id or alias (:func:`list_checkpoints`), local directory, or in-memory

@@ -132,8 +132,11 @@ def attribution_patching(
 
     Raises:
         LNFreeError: clean/corrupted of different shapes, a metric that is not ``[batch]`` or has no
-            gradient, unknown ``nodes``, non-finite gradients (float16 overflow).
+            gradient, unknown ``nodes``, non-finite gradients (float16 overflow), a call inside ``torch.inference_mode()``.
     """
+    if torch.is_inference_mode_enabled():
+        raise LNFreeError("Attribution patching needs gradients, but torch.inference_mode() is active: call it "
+                          "outside the inference_mode block (torch.no_grad() is fine).")
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
@@ -232,8 +235,9 @@ def activation_patching(
         attention_mask: as in :func:`attribution_patching`.
         corrupted_attention_mask: as in :func:`attribution_patching`.
         per_position: patch each position separately (``values [node, pos, batch]``); else a node
-            is patched at all positions at once (``[node, batch]``).
-        positions: with ``per_position``, the positions to patch (default all).
+            is patched at all of ``positions`` at once (``[node, batch]``).
+        positions: the positions to patch (default all), as column indices of the (padded) token
+            batch; negative ones count from its end.
         batch_size: rows per forward pass (at least one copy of the batch).
         progress: tqdm bar over the forward passes.
 
@@ -255,8 +259,10 @@ def activation_patching(
     L = backend.n_layers
     names = [f"blocks.{layer}.{NODE_HOOKS[nodes]}" for layer in range(L)]
     pos_list = list(range(seq)) if positions is None else [int(p) for p in positions]
-    if any(not 0 <= p < seq for p in pos_list):
-        raise LNFreeError(f"positions {pos_list} must lie in [0, {seq}).")
+    if not pos_list or any(not -seq <= p < seq for p in pos_list):
+        raise LNFreeError(f"positions={positions} must be non-empty and lie in [-{seq}, {seq}) (the padded "
+                          f"sequence length is {seq}).")
+    pos_list = sorted({p % seq for p in pos_list})
     width = {"head": backend.n_heads, "neuron": backend.d_mlp}.get(nodes, 1)
     jobs = [(layer, k, p) for layer in range(L) for k in range(width)
             for p in (pos_list if per_position else [None])]
@@ -281,7 +287,7 @@ def activation_patching(
                 sel = torch.zeros((J, seq, width), dtype=torch.bool, device=tokens.device)
                 for j, (lay, k, p) in enumerate(chunk):
                     if lay == layer:
-                        sel[j, slice(None) if p is None else p, k] = True
+                        sel[j, pos_list if p is None else p, k] = True
                 if nodes == "head":
                     sel = sel[:, None, :, :, None]  # [J, 1, P, H, 1]
                 elif nodes == "neuron":
@@ -305,7 +311,8 @@ def activation_patching(
         values=values, labels=labels, metric=m_clean, kind="activation_patching", n_layers=L,
         n_heads=backend.n_heads, exact=True, note="ground truth: one node patched at a time",
         positions=pos_list if per_position else None,
-        extra={"metric_clean": m_clean, "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name},
+        extra={"metric_clean": m_clean, "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name,
+               "patched_positions": pos_list},
     )
 
 

@@ -7,6 +7,8 @@ Labels follow TransformerLens conventions: ``L{l}H{h}`` (attention head), ``{l}_
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +76,8 @@ class AttributionResult:
         """Raise unless these values are exact: an LN-free model's DLA (or a direct effect), whose
         components plus bias reproduce the metric to ``rtol`` relative to the size of the summands,
         max over the batch of sum |component| + |bias| (the scale floating-point rounding of a sum
-        grows with; default 1e-10 in float64, 1e-5 otherwise). Relative to |metric| alone would fail
+        grows with; default 1e-10 in float64, 1e-5 in float32, 1e-2 in float16, 5e-2 in bfloat16:
+        :data:`lnfree_interp.loaders.TOLERANCE`). Relative to |metric| alone would fail
         spuriously on a near-zero logit difference.
 
         Raises:
@@ -87,7 +90,10 @@ class AttributionResult:
                               "LayerNorm scale and is only an approximation of the direct effect. Use an "
                               "LN-free checkpoint, or compare_dla_direct_effect to measure the error.")
         if self.kind == "dla":
-            rtol = rtol if rtol is not None else (1e-10 if self.values.dtype == torch.float64 else 1e-5)
+            from .loaders import TOLERANCE
+
+            dtype = self.values.dtype
+            rtol = rtol if rtol is not None else (1e-10 if dtype == torch.float64 else TOLERANCE.get(dtype, 1e-5))
             err = float((self.total() - self.metric).abs().max())
             scale = self.values.abs().flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.abs().sum(0)
             if self.bias is not None:
@@ -154,8 +160,17 @@ class AttributionResult:
         return frame
 
     def top(self, k: int = 10):
-        """The ``k`` components with the largest |batch-mean value| (positions summed), as a DataFrame."""
+        """The ``k`` components with the largest |batch-mean value| (positions summed), as a DataFrame.
+
+        Raises:
+            LNFreeError: ``k < 1``.
+        """
         import pandas as pd
+
+        from .errors import LNFreeError
+
+        if int(k) < 1:
+            raise LNFreeError(f"top(k={k}): k must be at least 1 (there are {len(self.labels)} components).")
 
         mean = self.mean().detach().double().cpu()
         if mean.ndim > 1:
@@ -184,17 +199,17 @@ class AttributionResult:
         return go.Figure(go.Bar(x=self.labels, y=mean.tolist()), layout={"title": title})
 
     def save(self, path: str | Path, title: str | None = None) -> list[Path]:
-        """Write ``path.png`` (matplotlib) and ``path.html`` (interactive plotly); returns the paths."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        """Write ``path.png`` (matplotlib) and ``path.html`` (interactive plotly, with ``plotly.min.js``
+        beside it so it opens offline); returns the paths. Leaves pyplot's state (and a notebook's
+        backend) alone."""
+        from matplotlib.figure import Figure
 
         path = Path(path).with_suffix("")
         path.parent.mkdir(parents=True, exist_ok=True)
         title = title or self.kind
         grid = self.head_matrix()
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * self.n_heads + 2), max(3, 0.4 * self.n_layers + 1.5)), dpi=100)
+        fig = Figure(figsize=(max(4, 0.5 * self.n_heads + 2), max(3, 0.4 * self.n_layers + 1.5)), dpi=100)
+        ax = fig.subplots()
         if not torch.isnan(grid).all():
             bound = float(grid.nan_to_num(0).abs().max()) or 1.0
             im = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
@@ -212,8 +227,7 @@ class AttributionResult:
         fig.tight_layout()
         png, html = path.with_suffix(".png"), path.with_suffix(".html")
         fig.savefig(png)
-        plt.close(fig)
-        self.plot(title).write_html(str(html), include_plotlyjs="cdn")
+        self.plot(title).write_html(str(html), include_plotlyjs="directory")
         return [png, html]
 
     def __repr__(self) -> str:
@@ -229,7 +243,7 @@ class Comparison:
     Attributes:
         nmae: normalised mean absolute error ``100 * mean|a - b| / mean|b|`` in percent (``b`` the
             reference: the direct effect, or activation patching).
-        ci: bootstrap 95% confidence interval of ``nmae`` (resampling prompts).
+        ci: bootstrap 95% confidence interval of ``nmae`` (resampling prompts; NaN for one prompt).
         per_component: ``pandas.DataFrame`` with one row per component (``nmae`` per component, means).
         stats: further figures (correlations, sign agreement, normalised errors...).
         a: the estimate, flattened (AtP, or DLA).
@@ -250,8 +264,9 @@ class Comparison:
 
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items())
-        return (f"Comparison({self.names[0]} vs {self.names[1]}): NMAE {self.nmae:.3g}% "
-                f"(95% CI {self.ci[0]:.3g}-{self.ci[1]:.3g}%)" + (f"; {extra}" if extra else ""))
+        ci = "no CI from one prompt" if math.isnan(self.ci[0]) else f"95% CI {self.ci[0]:.3g}-{self.ci[1]:.3g}%"
+        return (f"Comparison({self.names[0]} vs {self.names[1]}): NMAE {self.nmae:.3g}% ({ci})"
+                + (f"; {extra}" if extra else ""))
 
     def plot(self):
         """Plotly scatter of ``a`` against ``b``, coloured by layer, with the y = x line."""
@@ -270,28 +285,30 @@ class Comparison:
         return fig
 
     def save(self, path: str | Path) -> list[Path]:
-        """Write ``path.png`` (matplotlib scatter) and ``path.html`` (plotly)."""
+        """Write ``path.png`` (matplotlib scatter) and ``path.html`` (plotly, ``plotly.min.js`` beside it)."""
         import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         path = Path(path).with_suffix("")
         path.parent.mkdir(parents=True, exist_ok=True)
         a, b = self.a.double().cpu().numpy(), self.b.double().cpu().numpy()
-        fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
-        sc = ax.scatter(b, a, c=[-1 if x is None else x for x in self.layers], cmap="viridis", s=12)
+        fig = Figure(figsize=(5, 4.5), dpi=100)
+        ax = fig.subplots()
+        layers = [-1 if x is None else x for x in self.layers]
+        n = max(layers) - min(layers) + 1
+        sc = ax.scatter(b, a, c=layers, cmap=matplotlib.colormaps["viridis"].resampled(n), s=12,
+                        vmin=min(layers) - 0.5, vmax=max(layers) + 0.5)
         lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
         ax.plot([lo, hi], [lo, hi], "--", color="grey", lw=1)
         ax.set_xlabel(self.names[1])
         ax.set_ylabel(self.names[0])
         ax.set_title(self.title or f"NMAE {self.nmae:.3g}%", fontsize=9)
-        fig.colorbar(sc, ax=ax, label="layer")
+        fig.colorbar(sc, ax=ax, label="layer (-1: not a layer)" if min(layers) < 0 else "layer",
+                     ticks=range(min(layers), max(layers) + 1))
         fig.tight_layout()
         png, html = path.with_suffix(".png"), path.with_suffix(".html")
         fig.savefig(png)
-        plt.close(fig)
-        self.plot().write_html(str(html), include_plotlyjs="cdn")
+        self.plot().write_html(str(html), include_plotlyjs="directory")
         return [png, html]
 
 
@@ -305,11 +322,11 @@ def nmae(a: Tensor, b: Tensor) -> float:
 
 
 def bootstrap_ci(a: Tensor, b: Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of :func:`nmae` resampling the last axis (prompts) of ``[C, batch]``."""
+    """95% bootstrap interval of :func:`nmae` resampling the last axis (prompts) of ``[C, batch]``;
+    ``(nan, nan)`` for a single prompt."""
     batch = a.shape[-1]
-    if batch < 2:
-        v = nmae(a, b)
-        return (v, v)
+    if batch < 2:  # nothing to resample
+        return (float("nan"), float("nan"))
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, batch, (n_boot, batch), generator=gen)
     diffs = (a - b).abs()[..., idx].flatten(0, -3).mean(0).mean(-1)  # [n_boot]

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch

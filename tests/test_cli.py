@@ -16,7 +16,7 @@ def run(*args, cwd=None):
 def test_help_everywhere():
     for cmd in ([], ["info"], ["verify"], ["dla"], ["patch"], ["eval"], ["demo"], ["list"]):
         res = run(*cmd, "--help")
-        assert res.returncode == 0 and "usage: lnfree-interp" in res.stdout
+        assert res.returncode == 0 and "usage: lnfree-interp" in res.stdout and "``" not in res.stdout
 
 
 def test_usage_error_exit_code_2():
@@ -39,8 +39,11 @@ def test_verify_every_backend(ckpt_dirs):
 
 @pytest.mark.parametrize("args, message", [
     (["info", "/no/such/checkpoint"], "not a directory"),
-    (["verify", "tiny-shakespeare"], "expect_lnfree=False"),  # an LN checkpoint without opt-in
+    (["verify", "tiny-shakespeare"], "pass --baseline"),  # an LN checkpoint without opt-in: the CLI's flag
     (["dla", "tiny-shakespeare-lnfree", "--prompt", "ROMEO:", "--answer", " Romeo and Juliet"], "tokens"),
+    (["dla", "tiny-shakespeare-lnfree", "--prompt", "ROMEO:", "--answer", "id:x"], "id:N"),
+    (["dla", "tiny-shakespeare-lnfree", "--prompt", "ROMEO:", "--answer", " be", "--out", __file__],
+     "existing file"),  # checked before computing
 ])
 def test_errors_are_one_line_with_exit_code_1(args, message):
     res = run(*args)
@@ -58,6 +61,16 @@ def test_dla_writes_table_and_figures(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "exact: LN-free" in res.stdout and "component" in res.stdout
     assert (tmp_path / "dla.png").stat().st_size > 1000 and (tmp_path / "dla.html").exists()
+    from transformers import AutoTokenizer
+
+    from lnfree_interp.checkpoints import EMBEDDED_DIR
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_DIR / "tiny-shakespeare-lnfree")
+    be, go = (tok(t, add_special_tokens=False)["input_ids"][0] for t in (" be", " go"))
+    by_id = run("dla", "tiny-shakespeare-lnfree", "--prompt", "ROMEO:\nI will not", "--answer", f"id:{be}",
+                "--wrong", f"id:{go}")
+    assert by_id.returncode == 0 and by_id.stdout.splitlines()[0].split(": ", 1)[1] == \
+        res.stdout.splitlines()[0].split(": ", 1)[1]  # the same numbers as the strings
     base = run("dla", "tiny-shakespeare-vanilla", "--baseline", "--prompt", "ROMEO:\nI will not", "--answer", " be")
     assert base.returncode == 0 and "approximate" in base.stdout
 
@@ -87,3 +100,4 @@ def test_demo_runs_and_renders_figures(tmp_path):
         assert img.ndim == 3 and img.shape[0] >= 250 and img.shape[1] >= 350, (png.name, img.shape)
         assert img[..., :3].std() > 0.05  # not a blank canvas
     assert len(list((tmp_path / "demo").glob("*.html"))) == 6
+    assert (tmp_path / "demo" / "plotly.min.js").exists()  # the HTML figures open offline

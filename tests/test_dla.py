@@ -5,6 +5,9 @@ Tolerances (issue #3): sum of components + bias == metric and DLA == true direct
 <= 1e-10 in float64 and <= 1e-5 relative in float32.
 """
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +85,18 @@ def test_dla_float32_within_relative_tolerance(loader, models):
         assert (dla[label].double() - value).abs().max() <= 1e-5 * scale, label
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_assert_exact_in_half_precision(dtype, models):
+    model = L.load_hf(models["schaeff"], dtype=dtype)
+    dla = L.direct_logit_attribution(model, _tokens(models["schaeff"].config.vocab_size), ANSWER, WRONG)
+    assert dla.values.dtype == dtype
+    dla.assert_exact()  # within the dtype's tolerance of the summands' scale
+    scale = float(dla.values.abs().sum(0).max())
+    dla.metric = dla.metric + 0.2 * scale  # well beyond it
+    with pytest.raises(LNFreeError, match="summands"):
+        dla.assert_exact()
+
 @pytest.mark.parametrize("by", ["head", "layer", "neuron"])
 def test_every_granularity_sums_to_the_metric(by, models):
     model = L.load_hooked(models["schaeff"], dtype=torch.float64)
@@ -152,6 +167,9 @@ def test_compare_is_zero_lnfree_and_not_with_layernorm(models, tokenizer):
     assert base.nmae > 0.5 and base.ci[0] > 0
     assert set(base.per_component["component"]) == {f"L{l}H{h}" for l in range(2) for h in range(4)}
     assert len(base.plot().data) == 2
+    one = L.compare_dla_direct_effect(L.load_hooked(models["layernorm"], dtype=torch.float64, expect_lnfree=False),
+                                      tokens[:1], ANSWER[0], WRONG)
+    assert one.nmae > 0.5 and all(map(math.isnan, one.ci)) and "no CI from one prompt" in repr(one)
 
 
 def test_mean_and_corrupted_ablation(models):
@@ -196,8 +214,20 @@ def test_result_object(models, tmp_path):
     assert abs(top["mean"].iloc[0]) == dla.mean().abs().max().item()
     fig = dla.plot()
     assert fig.data[0].type == "heatmap" and fig.data[0].z.shape == (2, 4)
-    png, html = dla.save(tmp_path / "dla")
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's backend (a notebook's inline one): save() must not switch it
+    try:
+        png, html = dla.save(tmp_path / "dla")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     assert png.stat().st_size > 1000 and html.stat().st_size > 1000
+    assert (tmp_path / "plotly.min.js").stat().st_size > 100_000  # the HTML opens offline
+    assert 'src="plotly.min.js"' in html.read_text() and "cdn.plot.ly" not in html.read_text()
+    with pytest.raises(LNFreeError, match="k="):
+        dla.top(0)
     assert "kind='dla'" in repr(dla) and top["component"].iloc[0] in repr(dla)
 
 
@@ -217,6 +247,17 @@ def test_bad_input(loader, models, tokenizer):
         L.direct_logit_attribution(model, [], " Mary")
     with pytest.raises(LNFreeError, match="by="):
         L.direct_logit_attribution(model, text, " Mary", by="heads")
+    for bad in (None, 5.7, torch.tensor([[5]]), torch.tensor([5.0])):
+        with pytest.raises(LNFreeError, match="token id"):
+            L.direct_logit_attribution(model, text, bad)
+    with pytest.raises(LNFreeError, match="not 'zero' or 'mean'"):
+        L.direct_effect(model, text, " Mary", ablation="Zero")  # a typo is not a corrupted prompt
+    with pytest.raises(LNFreeError, match="not 'zero' or 'mean'"):
+        L.direct_effect(model, text, " Mary", ablation=None)
+    with pytest.raises(LNFreeError, match="by='neuron'"):
+        L.direct_logit_attribution(model, text, " Mary", top_k=3)  # would be silently ignored
+    numpy_id = L.direct_logit_attribution(model, text, np.int64(5), np.array([7]))  # numpy ids are ids
+    assert torch.equal(numpy_id.values, L.direct_logit_attribution(model, text, 5, 7).values)
 
 
 def test_hooks_removed_and_mode_restored_after_errors(models):

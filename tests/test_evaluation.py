@@ -1,5 +1,8 @@
 """Held-out loss statistics (lnfree_interp.evaluation)."""
 
+import copy
+import logging
+
 import pytest
 import torch
 
@@ -43,3 +46,33 @@ def test_bad_input(models):
         L.evaluate_loss(model, torch.arange(10), seq_len=65)
     with pytest.raises(LNFreeError, match="at least"):
         L.evaluate_loss(model, torch.arange(5), seq_len=16)
+    with pytest.raises(LNFreeError, match="seq_len=0"):
+        L.evaluate_loss(model, torch.arange(100), seq_len=0)  # not a silent fallback to n_ctx
+    with pytest.raises(LNFreeError, match="batch_size"):
+        L.evaluate_loss(model, torch.arange(100), seq_len=16, batch_size=0)
+    with pytest.raises(LNFreeError, match="integers"):
+        L.evaluate_loss(model, torch.rand(100) * 50, seq_len=16)  # not truncated to ids
+
+
+def test_text_input_errors_and_no_tokenizer_noise(tokenizer, models):
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = 64  # as GPT-2's 1024: a long text exceeds it, and we cut windows ourselves
+    model = L.load_hf(models["schaeff"], tokenizer=tok)
+    with pytest.raises(LNFreeError, match="join"):
+        L.evaluate_loss(model, ["a b c"] * 50)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # other libraries may have silenced transformers earlier in the session
+    try:
+        report = L.evaluate_loss(model, "When Mary and John went to the store. " * 50, seq_len=64, progress=False)
+        quiet = list(seen)
+        tok("When Mary and John went to the store. " * 50)  # the same call outside: it does warn
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert report.n_tokens > 200
+    assert quiet == [] and len(seen) == 1 and "Token indices sequence length" in seen[0]

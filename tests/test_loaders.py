@@ -116,6 +116,17 @@ def test_save_load_round_trip(loader, models, tmp_path):
         assert torch.equal(again_hf.state_dict()[k], v), k
 
 
+
+def test_ln_baseline_round_trip_verifies(models, tmp_path):
+    # a folded LN baseline keeps ln_f's bias in lm_head.bias: verify's reference must keep it too
+    base = L.load_hf(models["layernorm"], dtype=torch.float64, expect_lnfree=False)
+    assert base.lm_head.bias.abs().max() > 0.1
+    base.save_pretrained(tmp_path / "saved")
+    again = L.load_hf(tmp_path / "saved", dtype=torch.float64, expect_lnfree=False)
+    assert (logits_of(again, TOKENS) - logits_of(base, TOKENS)).abs().max() <= 1e-12
+    check = L.verify(again)
+    assert check.passed and check.max_abs_error <= 1e-10
+
 def test_dtypes(models):
     bf = L.load_hf(models["schaeff"], dtype=torch.bfloat16)
     assert bf.lm_head.weight.dtype == torch.bfloat16
@@ -240,3 +251,21 @@ def test_returned_objects_are_independent(models):
 def test_float16_folds_first(models):
     half = L.load_hf(copy.deepcopy(models["schaeff"]), dtype=torch.float16)
     assert half.lm_head.weight.dtype == torch.float16 and torch.isfinite(half.lm_head.weight).all()
+
+
+@pytest.mark.parametrize(("loader", "prepend_bos"), [(k, False) for k in LOADERS]
+                         + [(k, True) for k in LOADERS if k not in ("hf", "nnsight")])  # a TL option
+def test_own_tokenizer_batch_matches_strings(loader, prepend_bos, ckpt_dirs):
+    # TL's tokenizer copy adds a BOS by default; a batch from model.tokenizer must give the same
+    # tokens (and numbers) as passing the strings, with or without prepend_bos.
+    kwargs = {"prepend_bos": True} if prepend_bos else {}
+    model = load(loader, ckpt_dirs["schaeff"], dtype=torch.float64, **kwargs)
+    text = "When Mary and John went"
+    plain = L.load_hf(ckpt_dirs["schaeff"]).tokenizer(text)["input_ids"]
+    tok = L.inputs.get_tokenizer(model)
+    expected = ([tok.bos_token_id] if prepend_bos else []) + plain
+    assert tok(text)["input_ids"] == expected
+    batch = tok([text], return_tensors="pt")
+    a = L.direct_logit_attribution(model, batch, " the", " a")
+    b = L.direct_logit_attribution(model, text, " the", " a")
+    assert torch.equal(a.values, b.values) and torch.equal(a.metric, b.metric)

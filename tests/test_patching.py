@@ -41,6 +41,20 @@ def test_direct_path_node_is_exact_on_lnfree_and_not_with_layernorm(loader, mode
     assert errors["layernorm"] > 1e-6
 
 
+
+def test_positions_restrict_the_patch_without_per_position(models):
+    model = L.load_hooked(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    per_pos = L.activation_patching(model, clean, corrupted, metric, nodes="mlp_out", per_position=True,
+                                    progress=False)
+    everywhere = L.activation_patching(model, clean, corrupted, metric, nodes="mlp_out", progress=False)
+    at_last = L.activation_patching(model, clean, corrupted, metric, nodes="mlp_out", positions=[-1],
+                                    progress=False)
+    assert at_last.values.shape == everywhere.values.shape and at_last.extra["patched_positions"] == [11]
+    assert torch.allclose(at_last.values, per_pos.values[:, -1], rtol=0, atol=1e-12)
+    assert (at_last.values - everywhere.values).abs().max() > 1e-6  # the other positions matter
+
 def test_direct_part_equals_path_patched_direct_effect(models):
     """AtP's direct part, summed over positions, is the direct effect of patching each head's output
     into the final residual stream (exact on LN-free models with a linear metric). Sign conventions:
@@ -175,6 +189,10 @@ def test_bad_input(models, tokenizer):
         L.attribution_patching(model, clean, corrupted, logit_diff(ANSWER, WRONG), nodes="heads")
     with pytest.raises(LNFreeError, match="callable"):
         L.attribution_patching(model, clean, corrupted, "logit_diff")
+    with torch.inference_mode(), pytest.raises(LNFreeError, match="inference_mode"):
+        L.attribution_patching(model, clean, corrupted, logit_diff(ANSWER, WRONG))
+    with torch.no_grad():  # no_grad is overridden for the backward pass
+        assert L.attribution_patching(model, clean, corrupted, logit_diff(ANSWER, WRONG)).values.abs().max() > 0
     with pytest.raises(LNFreeError, match="positions"):
         L.activation_patching(model, clean, corrupted, logit_diff(ANSWER, WRONG), per_position=True,
                               positions=[99], progress=False)

@@ -20,7 +20,6 @@ from importlib.metadata import version
 from typing import Any
 
 import einops
-import torch
 from torch import Tensor, nn
 
 from ..errors import LNFreeError
@@ -174,7 +173,7 @@ def build_hooked(config: Any, sd: dict[str, Tensor], *, lnfree: bool, tokenizer:
     missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
     if missing or unexpected:  # pragma: no cover - the conversion writes exactly these keys
         raise LNFreeError(f"Internal error building HookedTransformer: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return _tokenizer_bos_as_cfg(model.eval(), prepend_bos)
 
 
 def build_bridge(hf_model: nn.Module, *, lnfree: bool, tokenizer: Any, prepend_bos: bool,
@@ -194,4 +193,14 @@ def build_bridge(hf_model: nn.Module, *, lnfree: bool, tokenizer: Any, prepend_b
         bridge = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=hf_model.config, tokenizer=tok,
                                           post_adapter_hook=configure, model_name=model_name)
     bridge.cfg.default_prepend_bos = prepend_bos
-    return bridge.eval()
+    return _tokenizer_bos_as_cfg(bridge.eval(), prepend_bos)
+
+
+def _tokenizer_bos_as_cfg(model: Any, prepend_bos: bool) -> Any:
+    """Make ``model.tokenizer(text)`` add a BOS exactly when ``prepend_bos`` (TL's copy adds one
+    always), so a batch from the model's own tokenizer matches passing the strings. TL's
+    ``to_tokens`` reads ``cfg.tokenizer_prepends_bos`` and still prepends on request."""
+    if model.tokenizer is not None:
+        model.tokenizer.add_bos_token = prepend_bos
+        model.cfg.tokenizer_prepends_bos = prepend_bos
+    return model
