@@ -25,6 +25,24 @@ def as_dtype(dtype: Any) -> torch.dtype:
     raise LNFreeError(f"Unsupported dtype {dtype!r}; use one of {list(DTYPES)}.")
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` that this torch can use.
+
+    Raises:
+        LNFreeError: an unknown device string, or a CUDA / MPS device this torch build has no access to.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise LNFreeError(f"device={device!r} is not a torch device; use e.g. 'cpu' or 'cuda'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LNFreeError(f"device={device!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
+                          "use device='cpu', or install a CUDA build of torch on a machine with a GPU.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LNFreeError(f"device={device!r} but MPS is not available here; use device='cpu'.")
+    return dev
+
+
 def build_gpt2(config: Any, state_dict: dict[str, torch.Tensor], *, identity_ln: bool,
                device: str | torch.device = "cpu") -> nn.Module:
     """A ``GPT2LMHeadModel`` holding ``state_dict`` (no copy), untied ``lm_head`` with a bias.

@@ -276,6 +276,12 @@ def resolve(src: SourceLike) -> Source:
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    inner = getattr(src, "_module", None)  # an nnsight model (load_nnsight): the HF model it wraps
+    if not isinstance(src, torch.nn.Module) and isinstance(inner, GPT2LMHeadModel):
+        src = inner
+    if not isinstance(src, (str, os.PathLike, torch.nn.Module)):
+        raise LNFreeError(f"Cannot load from a {type(src).__name__}: pass a Hub id or alias (see "
+                          "list_checkpoints()), a checkpoint directory, or a transformers GPT2LMHeadModel.")
     if isinstance(src, torch.nn.Module):
         if not isinstance(src, GPT2LMHeadModel):
             raise LNFreeError(

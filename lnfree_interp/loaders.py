@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._hf import as_dtype, build_gpt2, folded_config, reference_model
+from ._hf import as_dtype, check_device, build_gpt2, folded_config, reference_model
 from .checkpoints import Source, SourceLike, _analyse, resolve
 from .errors import LNFreeError
 from .fold import fold_state_dict
@@ -50,9 +50,10 @@ def _load_tokenizer(source: Source, tokenizer: Any) -> Any:
     return None
 
 
-def _fold(src: SourceLike, *, dtype: Any, tokenizer: Any, expect_lnfree: bool,
+def _fold(src: SourceLike, *, dtype: Any, device: Any, tokenizer: Any, expect_lnfree: bool,
           center_writing_weights: bool, center_unembed: bool) -> _Loaded:
     dtype = as_dtype(dtype)
+    check_device(device)
     source = resolve(src)
     try:
         encoding, lns = _analyse(source)
@@ -134,7 +135,7 @@ def load_hf(
         LNFreeError: see :func:`inspect_checkpoint`; also for an LN baseline without
             ``expect_lnfree=False`` and for float16 overflow.
     """
-    loaded = _fold(src, dtype=dtype, tokenizer=tokenizer, expect_lnfree=expect_lnfree,
+    loaded = _fold(src, dtype=dtype, device=device, tokenizer=tokenizer, expect_lnfree=expect_lnfree,
                    center_writing_weights=center_writing_weights, center_unembed=center_unembed)
     model = _hf(loaded, center_writing_weights, device)
     _remember_source(model, src)
@@ -197,7 +198,7 @@ def load_hooked(
 
     if kind == "hooked":
         tl.require_hooked()
-    loaded = _fold(src, dtype=dtype, tokenizer=tokenizer, expect_lnfree=expect_lnfree,
+    loaded = _fold(src, dtype=dtype, device=device, tokenizer=tokenizer, expect_lnfree=expect_lnfree,
                    center_writing_weights=center_writing_weights, center_unembed=center_unembed)
     if kind == "hooked":
         model = tl.build_hooked(loaded.source.config, loaded.state_dict, lnfree=loaded.lnfree,
@@ -247,7 +248,7 @@ def load_nnsight(
     """
     from .backends.nnsight import build_transformers_model
 
-    loaded = _fold(src, dtype=dtype, tokenizer=tokenizer, expect_lnfree=expect_lnfree,
+    loaded = _fold(src, dtype=dtype, device=device, tokenizer=tokenizer, expect_lnfree=expect_lnfree,
                    center_writing_weights=center_writing_weights, center_unembed=center_unembed)
     model = build_transformers_model(_hf(loaded, center_writing_weights, device), loaded.tokenizer)
     _remember_source(model._module, src)

@@ -128,3 +128,25 @@ def test_config_with_unsupported_attention_option(ckpt_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LNFreeError, match="scale_attn_by_inverse_layer_idx"):
         L.load_hf(d)
+
+
+def test_sources_that_are_not_checkpoints(models):
+    for bad in (None, 3.5, {"model": 1}):
+        with pytest.raises(LNFreeError, match="Cannot load from a"):
+            L.load_hf(bad)
+    with pytest.raises(LNFreeError, match="Got a TransformerBridge|Got a HookedTransformer"):
+        L.load_hf(L.load_hooked(models["schaeff"]))
+    # an nnsight model from load_nnsight is read through the HF model it wraps
+    nn_model = L.load_nnsight(models["schaeff"], dtype=torch.float64)
+    again = L.load_hf(nn_model, dtype=torch.float64)
+    assert L.inspect_checkpoint(nn_model).encoding == "folded"
+    for k, v in nn_model._module.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unusable_device():
+    with pytest.raises(LNFreeError, match="cuda.is_available"):
+        L.load_hf("tiny-shakespeare-lnfree", device="cuda")
+    with pytest.raises(LNFreeError, match="not a torch device"):
+        L.load_hooked("tiny-shakespeare-lnfree", device="gpu0")
