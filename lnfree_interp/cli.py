@@ -15,6 +15,7 @@ above tolerance), 2 usage error. Errors print as one line; ``--debug`` shows the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -62,8 +63,14 @@ def _load(args: argparse.Namespace, kind: str = "hooked", **kwargs: Any):
     return load_hf(args.src, **opts) if kind == "hf" else load_hooked(args.src, **opts)
 
 
+def _text(text: str | None) -> str | None:
+    r"""Read ``\n`` and ``\t`` typed in a shell argument as a newline and a tab."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _token(text: str | None) -> Any:
     """``id:262`` is token id 262; anything else a (single-token) string such as ``" be"``."""
+    text = _text(text)
     if text is not None and text.startswith("id:"):
         try:
             return int(text[3:])
@@ -151,8 +158,8 @@ def cmd_dla(args: argparse.Namespace) -> int:
 
     out = _out_dir(args.out)
     model = _load(args)
-    dla = direct_logit_attribution(model, args.prompt, _token(args.answer), _token(args.wrong), by=args.by,
-                                   top_k=args.top_k)
+    dla = direct_logit_attribution(model, [_text(p) for p in args.prompt], _token(args.answer),
+                                   _token(args.wrong), by=args.by, top_k=args.top_k)
     what = f"logit[{args.answer!r}]" + (f" - logit[{args.wrong!r}]" if args.wrong else "")
     print(f"{what}: model {dla.metric.mean():+.4f}, components + bias {dla.total().mean():+.4f} "
           f"({'exact: LN-free' if dla.exact else 'approximate: ' + dla.note})")
@@ -169,10 +176,12 @@ def cmd_patch(args: argparse.Namespace) -> int:
     if len(args.clean) != len(args.corrupted):
         raise LNFreeError(f"{len(args.clean)} --clean prompts but {len(args.corrupted)} --corrupted.")
     metric = logit_diff(_token(args.answer), _token(args.wrong))
-    atp = attribution_patching(model, args.clean, args.corrupted, metric, nodes=args.nodes, per_position=False)
-    act = activation_patching(model, args.clean, args.corrupted, metric, nodes=args.nodes)
+    clean, corrupted = [_text(p) for p in args.clean], [_text(p) for p in args.corrupted]
+    atp = attribution_patching(model, clean, corrupted, metric, nodes=args.nodes, per_position=False)
+    act = activation_patching(model, clean, corrupted, metric, nodes=args.nodes)
     cmp = compare_attribution(atp, act)
-    print(f"metric clean {atp.extra['metric_clean'].mean():+.4f}, corrupted {atp.extra['metric_corrupted'].mean():+.4f}")
+    print(f"metric clean {atp.extra['metric_clean'].mean():+.4f}, "
+          f"corrupted {atp.extra['metric_corrupted'].mean():+.4f}")
     print(cmp)
     top = atp.top(args.top).rename(columns={"mean": "atp"})
     top["activation_patching"] = [float(act[c].mean()) for c in top["component"]]
@@ -234,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     src(p)
     p = add("dla", cmd_dla, "direct logit attribution of one or more prompts")
     src(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeat for a batch); \\n is read as a newline")
     p.add_argument("--answer", required=True, help="answer token: a single-token string (' be') or id:N")
     p.add_argument("--wrong", help="wrong-answer token (string or id:N): attribute the logit difference")
     p.add_argument("--by", default="head", choices=["head", "layer", "neuron"])
@@ -275,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `lnfree-interp list | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:  # noqa: BLE001 - one line for users, --debug for the traceback
         if args.debug:
             raise

@@ -69,7 +69,7 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
 
     Raises:
         LNFreeError: empty inputs, token ids outside ``[0, d_vocab)``, sequences longer than
-            ``n_ctx``, a mask of the wrong shape.
+            ``n_ctx``, a mask of the wrong shape, with values other than 0/1, or with gaps.
     """
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
@@ -107,6 +107,13 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
                 raise LNFreeError(f"attention_mask has shape {tuple(mask.shape)} but tokens {tuple(tokens.shape)}.")
             if bool((mask.sum(-1) == 0).any()):
                 raise LNFreeError("A prompt's attention_mask is all zeros (no real tokens).")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise LNFreeError(f"attention_mask must hold only 0 and 1, got values {mask.unique().tolist()}.")
+            edges = torch.nn.functional.pad(mask, (1, 1)).diff(dim=-1)
+            if bool(((edges == 1).sum(-1) != 1).any()):
+                rows = torch.nonzero((edges == 1).sum(-1) != 1).flatten().tolist()
+                raise LNFreeError(f"attention_mask rows {rows[:5]} have gaps: each prompt's real tokens must be one "
+                                  "contiguous block (left or right padding).")
     real = tokens[mask.bool()]
     if bool((real < 0).any()) or bool((real >= backend.d_vocab).any()):
         bad = real[(real < 0) | (real >= backend.d_vocab)][:5].tolist()
@@ -123,9 +130,17 @@ def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
     token) to absolute indices ``[batch]``.
 
     Raises:
-        LNFreeError: a position outside a prompt's real tokens, or the wrong number of positions.
+        LNFreeError: a position outside a prompt's real tokens, the wrong number of positions, or
+            something that is not an int / ints.
     """
     batch = mask.shape[0]
+    ok = (isinstance(pos, numbers.Integral) and not isinstance(pos, bool)) or (
+        isinstance(pos, (list, tuple)) and pos and all(isinstance(p, numbers.Integral) and not isinstance(p, bool)
+                                                       for p in pos)) or (
+        torch.is_tensor(pos) and not pos.is_floating_point() and pos.dtype != torch.bool and pos.ndim <= 1)
+    if not ok:
+        raise LNFreeError(f"pos={pos!r}: pass an int (negative counts from each prompt's last real token) or "
+                          "one int per prompt.")
     pos_t = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
     if pos_t.numel() == 1:
         pos_t = pos_t.expand(batch)

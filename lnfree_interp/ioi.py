@@ -83,14 +83,26 @@ def ioi_prompts(
         wrong answers (S) as strings and ids.
 
     Raises:
-        LNFreeError: no tokenizer, or fewer than three single-token names (lists the rejected ones).
+        LNFreeError: no tokenizer; fewer than three distinct single-token names (lists the rejected
+            ones); ``n < 1``; a template with another placeholder, or whose clean and corrupted
+            prompts tokenize to different lengths.
     """
     from .inputs import get_tokenizer
 
     tok = get_tokenizer(tokenizer_or_model) or tokenizer_or_model
     if not callable(tok):
         raise LNFreeError("ioi_prompts needs a tokenizer (or a model that has one).")
-    candidates = list(names or NAMES)
+    if int(n) < 1:
+        raise LNFreeError(f"n={n}: ask for at least one prompt pair.")
+    if names is not None and len(names) == 0:
+        raise LNFreeError("names=[] is empty; pass at least three names, or leave names out for the defaults.")
+    for template in templates:
+        try:
+            template.format(A=" A", B=" B", S=" S")
+        except (KeyError, IndexError, ValueError) as err:
+            raise LNFreeError(f"Template {template!r} has a placeholder other than {{A}}, {{B}}, {{S}} ({err!r}).") \
+                from None
+    candidates = list(dict.fromkeys(names or NAMES))  # distinct: IO, S and the corrupting name must differ
     usable = single_token_names(tok, candidates)
     if len(usable) < 3:
         rejected = [n for n in candidates if n not in usable]
@@ -105,8 +117,14 @@ def ioi_prompts(
         kind = "BABA" if i % 2 == 0 else "ABBA"
         first, second = (io, s) if kind == "BABA" else (s, io)
         fill = lambda subj: template.format(A=" " + first, B=" " + second, S=" " + subj)  # noqa: E731
-        out["clean"].append(fill(s))
-        out["corrupted"].append(fill(c))
+        clean, corrupted = fill(s), fill(c)
+        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in (clean, corrupted)]
+        if lengths[0] != lengths[1]:
+            raise LNFreeError(f"Template {template!r} tokenizes {clean!r} and {corrupted!r} to {lengths[0]} and "
+                              f"{lengths[1]} tokens (a name merges with the text after it); put a space or "
+                              "punctuation after each placeholder.")
+        out["clean"].append(clean)
+        out["corrupted"].append(corrupted)
         out["answers"].append(" " + io)
         out["wrongs"].append(" " + s)
         out["templates"].append(kind)

@@ -56,6 +56,12 @@ def _fold(src: SourceLike, *, dtype: Any, device: Any, tokenizer: Any, expect_ln
     check_device(device)
     source = resolve(src)
     try:
+        bad = [k for k, v in source.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise LNFreeError(
+                f"{source.label} has inf/nan weights ({', '.join(bad[:3])}): the checkpoint is corrupt, or was cast "
+                "to float16, where the LN-free hack's ~1e6 LayerNorm weights overflow. Pass the float32 checkpoint; "
+                "dtype=... casts only after the fold.")
         encoding, lns = _analyse(source)
         lnfree = encoding != "layernorm"
         if not lnfree and expect_lnfree:
@@ -316,7 +322,8 @@ def verify(model: Any, src: SourceLike | None = None, *, tokens: Any = None, see
 
     Args:
         model: anything the loaders return.
-        src: the checkpoint it came from; default: the one recorded by the loader.
+        src: the checkpoint it came from; default: the one recorded by the loader (an in-memory
+            source is read as it is now: edit it after loading and the comparison fails).
         tokens: token ids ``[batch, pos]``; default: 2 x min(n_ctx, 32) random ids (``seed``).
 
     Returns:

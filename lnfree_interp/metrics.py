@@ -43,14 +43,15 @@ class TokenMetric:
         from .inputs import as_list, check_ids, positions
 
         batch, d_vocab = logits.shape[0], logits.shape[-1]
-        if any(isinstance(t, str) for t in as_list(self.answer) + ([] if self.wrong is None else as_list(self.wrong, "wrong"))):
+        wrong_list = [] if self.wrong is None else as_list(self.wrong, "wrong")
+        if any(isinstance(t, str) for t in as_list(self.answer) + wrong_list):
             raise LNFreeError("This metric has string tokens: pass it to a patching function (which knows the "
                               "tokenizer), or use token ids.")
         mask = torch.ones(logits.shape[:2], dtype=torch.long, device=logits.device) if attention_mask is None \
             else attention_mask
         pos = positions(self.pos, mask)
         answer = check_ids(as_list(self.answer), batch, d_vocab, "answer").to(logits.device)
-        wrong = None if self.wrong is None else check_ids(as_list(self.wrong, "wrong"), batch, d_vocab, "wrong").to(logits.device)
+        wrong = None if self.wrong is None else check_ids(wrong_list, batch, d_vocab, "wrong").to(logits.device)
         return self._compute(logits[torch.arange(batch, device=logits.device), pos], answer, wrong)
 
     def _compute(self, final: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:

@@ -79,6 +79,12 @@ def _pair(backend: Backend, clean: Any, corrupted: Any, attention_mask: Any, cor
     if tokens.shape != c_tokens.shape:
         raise LNFreeError(f"clean and corrupted inputs have different shapes {tuple(tokens.shape)} vs "
                           f"{tuple(c_tokens.shape)}: patching needs prompt pairs of equal token length.")
+    if not torch.equal(mask, c_mask):
+        bad = [i for i in range(mask.shape[0]) if not torch.equal(mask[i], c_mask[i])]
+        lengths = [(int(mask[i].sum()), int(c_mask[i].sum())) for i in bad[:3]]
+        raise LNFreeError(f"Prompt pair(s) {bad[:5]} have different token lengths or padding (clean, corrupted: "
+                          f"{lengths}): patching swaps activations position by position, so each corrupted prompt "
+                          "must have exactly its clean prompt's token length.")
     return tokens, mask, c_tokens, c_mask
 
 
@@ -132,7 +138,8 @@ def attribution_patching(
 
     Raises:
         LNFreeError: clean/corrupted of different shapes, a metric that is not ``[batch]`` or has no
-            gradient, unknown ``nodes``, non-finite gradients (float16 overflow), a call inside ``torch.inference_mode()``.
+            gradient, unknown ``nodes``, non-finite gradients (float16 overflow), a call inside
+            ``torch.inference_mode()``.
     """
     if torch.is_inference_mode_enabled():
         raise LNFreeError("Attribution patching needs gradients, but torch.inference_mode() is active: call it "
@@ -312,7 +319,7 @@ def activation_patching(
         n_heads=backend.n_heads, exact=True, note="ground truth: one node patched at a time",
         positions=pos_list if per_position else None,
         extra={"metric_clean": m_clean, "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name,
-               "patched_positions": pos_list},
+               "patched_positions": pos_list, "n_positions": seq},
     )
 
 
@@ -343,6 +350,32 @@ def _stats(a: Tensor, b: Tensor, scale: Tensor) -> dict[str, float]:
             "max_abs_error": float((a - b).abs().max())}
 
 
+def _check_same_run(atp: AttributionResult, act: AttributionResult) -> None:
+    """Raise unless ``atp`` and ``act`` estimate and measure the very same patches."""
+    from .loaders import TOLERANCE
+
+    if atp.kind != "atp" or act.kind != "activation_patching":
+        raise LNFreeError(f"compare_attribution(atp_result, act_result) takes the attribution_patching result first "
+                          f"and the activation_patching result second; got {atp.kind!r}, {act.kind!r}.")
+    if atp.labels != act.labels or atp.values.shape != act.values.shape:
+        raise LNFreeError("The two results cover different nodes or shapes; run both with the same nodes, inputs "
+                          f"and per_position ({tuple(atp.values.shape)} vs {tuple(act.values.shape)}).")
+    everywhere = list(range(act.extra["n_positions"]))
+    if atp.positions is None and act.extra["patched_positions"] != everywhere:
+        raise LNFreeError(f"Activation patching patched positions {act.extra['patched_positions']} only, but "
+                          "attribution patching with per_position=False sums over every position; drop positions= "
+                          "(or compare per_position=True results).")
+    if atp.positions is not None and atp.positions != act.positions:
+        raise LNFreeError(f"The results cover positions {atp.positions} and {act.positions}; patch the same ones.")
+    for key in ("metric_clean", "metric_corrupted"):
+        x, y = atp.extra[key].detach().double().cpu(), act.extra[key].detach().double().cpu()
+        tol = TOLERANCE.get(atp.values.dtype, 1e-5) * max(float(x.abs().max()), float(y.abs().max()), 1.0)
+        if x.shape != y.shape or float((x - y).abs().max()) > tol:
+            raise LNFreeError(f"The two results have different {key.replace('_', ' ')} values ({x.tolist()[:3]} vs "
+                              f"{y.tolist()[:3]}...): they come from different models, inputs or metrics. Run "
+                              "both on the same model with the same clean / corrupted prompts and metric.")
+
+
 def compare_attribution(atp_result: AttributionResult, act_result: AttributionResult, *, n_boot: int = 1000,
                         seed: int = 0) -> Comparison:
     """How well attribution patching matches activation patching, globally and per layer.
@@ -363,13 +396,13 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
         AtP against activation patching coloured by layer.
 
     Raises:
-        LNFreeError: results of different nodes or shapes.
+        LNFreeError: the arguments swapped, or results that do not describe the same patches: other
+            nodes, shapes or positions, or other clean / corrupted metrics (another model, other
+            inputs or another metric).
     """
     import pandas as pd
 
-    if atp_result.labels != act_result.labels or atp_result.values.shape != act_result.values.shape:
-        raise LNFreeError("The two results cover different nodes or shapes; run both with the same nodes, inputs "
-                          f"and per_position ({tuple(atp_result.values.shape)} vs {tuple(act_result.values.shape)}).")
+    _check_same_run(atp_result, act_result)
     a = atp_result.values.detach().double().cpu()
     b = act_result.values.detach().double().cpu()
     restore = (act_result.extra["metric_corrupted"] - act_result.extra["metric_clean"]).double().cpu()

@@ -92,6 +92,13 @@ class RemovalSchedule:
     gap_lnf: int = 2
     tail: int = 20
 
+    def __post_init__(self) -> None:
+        gaps = {"gap_ln2": self.gap_ln2, "gap_ln1": self.gap_ln1, "gap_lnf": self.gap_lnf}
+        bad = {k: v for k, v in gaps.items() if v < 1}
+        if bad or self.start < 0 or self.tail < 0:
+            raise LNFreeError(f"RemovalSchedule needs gaps >= 1 step (one LayerNorm removed per step) and "
+                              f"start, tail >= 0; got {bad or ''} start={self.start} tail={self.tail}.")
+
     def events(self, n_layers: int) -> list[tuple[int, str]]:
         """``(step, HF module name)`` for every removal, in order."""
         out, step = [], self.start
@@ -223,8 +230,19 @@ def remove_layernorm(
         the training loss per step (nats). Export it with :func:`save_lnfree`.
 
     Raises:
-        LNFreeError: the model is not a GPT-2 with LayerNorm, or the token stream is too short.
+        LNFreeError: the model is not a GPT-2 with LayerNorm (or was folded by this library), or
+            the token stream is too short.
     """
+    from transformers import GPT2LMHeadModel
+
+    from .checkpoints import FOLDED_MARKER
+
+    if not isinstance(model, GPT2LMHeadModel):
+        raise LNFreeError(f"remove_layernorm takes a transformers GPT2LMHeadModel, got {type(model).__name__}.")
+    if getattr(model.lm_head, "bias", None) is not None or getattr(model.config, FOLDED_MARKER, None):
+        raise LNFreeError("This model was folded by lnfree_interp (load_hf): its unembedding bias has no place in a "
+                          "plain GPT-2, so the result could not be saved. Pass the original checkpoint, e.g. "
+                          "GPT2LMHeadModel.from_pretrained(path).")
     schedule = schedule or RemovalSchedule()
     model = install_fake_layernorms(copy.deepcopy(model))
     events = dict(schedule.events(model.config.n_layer))

@@ -42,6 +42,10 @@ def test_unsupported_models_get_a_clear_error(models):
         get_backend(models["schaeff"])  # a raw, hacked HF model: its LayerNorms are not folded
     with pytest.raises(LNFreeError, match="Unsupported model type"):
         get_backend(torch.nn.Linear(2, 2))
+    compiled = torch.nn.Module()
+    compiled._orig_mod = L.load_hf(models["schaeff"])  # what torch.compile returns: an OptimizedModule wrapper
+    with pytest.raises(LNFreeError, match="_orig_mod"):
+        get_backend(compiled)
     model = L.load_hooked(models["schaeff"])
     model.cfg.normalization_type = "LN"
     with pytest.raises(LNFreeError, match="normalization_type='LN'"):

@@ -71,6 +71,9 @@ def test_dla_writes_table_and_figures(tmp_path):
                 "--wrong", f"id:{go}")
     assert by_id.returncode == 0 and by_id.stdout.splitlines()[0].split(": ", 1)[1] == \
         res.stdout.splitlines()[0].split(": ", 1)[1]  # the same numbers as the strings
+    typed = run("dla", "tiny-shakespeare-lnfree", "--prompt", "ROMEO:\\nI will not", "--answer", " be",
+                "--wrong", " go")  # a backslash-n typed in a shell (docs' example) is a newline
+    assert typed.returncode == 0 and typed.stdout.splitlines()[0] == res.stdout.splitlines()[0]
     base = run("dla", "tiny-shakespeare-vanilla", "--baseline", "--prompt", "ROMEO:\nI will not", "--answer", " be")
     assert base.returncode == 0 and "approximate" in base.stdout
 

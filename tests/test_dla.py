@@ -254,6 +254,13 @@ def test_bad_input(loader, models, tokenizer):
         L.direct_effect(model, text, " Mary", ablation="Zero")  # a typo is not a corrupted prompt
     with pytest.raises(LNFreeError, match="not 'zero' or 'mean'"):
         L.direct_effect(model, text, " Mary", ablation=None)
+    for bad_pos in (None, "x", 1.5, [1.5]):
+        with pytest.raises(LNFreeError, match="pos="):
+            L.direct_logit_attribution(model, text, " Mary", pos=bad_pos)
+    ids = torch.tensor([[3, 4, 5, 6], [3, 4, 5, 6]])
+    for bad_mask, message in (([[1, 1, 1, 2], [1, 1, 1, 1]], "only 0 and 1"), ([[1, 0, 1, 1], [1, 1, 1, 1]], "gaps")):
+        with pytest.raises(LNFreeError, match=message):
+            L.direct_logit_attribution(model, ids, 5, attention_mask=torch.tensor(bad_mask))
     with pytest.raises(LNFreeError, match="by='neuron'"):
         L.direct_logit_attribution(model, text, " Mary", top_k=3)  # would be silently ignored
     numpy_id = L.direct_logit_attribution(model, text, np.int64(5), np.array([7]))  # numpy ids are ids

@@ -28,3 +28,16 @@ def test_works_end_to_end_with_patching(models, tokenizer):
 def test_clear_error_without_single_token_names(tokenizer):
     with pytest.raises(LNFreeError, match="single tokens"):
         L.ioi_prompts(tokenizer, names=["Bartholomew", "Xanthippe", "Mary"])
+
+
+def test_bad_arguments(tokenizer):
+    with pytest.raises(LNFreeError, match="placeholder"):
+        L.ioi_prompts(tokenizer, templates=("When{A} and{B} met,{C} said to",))
+    with pytest.raises(LNFreeError, match="single tokens"):
+        L.ioi_prompts(tokenizer, names=["Mary"] * 3)  # the answer would equal the wrong answer
+    with pytest.raises(LNFreeError, match="empty"):
+        L.ioi_prompts(tokenizer, names=[])
+    with pytest.raises(LNFreeError, match="at least one"):
+        L.ioi_prompts(tokenizer, n=0)
+    with pytest.raises(LNFreeError, match="merges"):  # "{S}n" merges the name with the next letter
+        L.ioi_prompts(tokenizer, n=8, templates=("When{A} and{B} went,{S}n gave it to",))

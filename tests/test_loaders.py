@@ -251,6 +251,8 @@ def test_returned_objects_are_independent(models):
 def test_float16_folds_first(models):
     half = L.load_hf(copy.deepcopy(models["schaeff"]), dtype=torch.float16)
     assert half.lm_head.weight.dtype == torch.float16 and torch.isfinite(half.lm_head.weight).all()
+    with pytest.raises(LNFreeError, match="float16, where the LN-free hack"):  # a source cast to fp16 first
+        L.load_hf(copy.deepcopy(models["schaeff"]).half())
 
 
 @pytest.mark.parametrize(("loader", "prepend_bos"), [(k, False) for k in LOADERS]

@@ -174,10 +174,22 @@ def test_compare_attribution(models, tmp_path):
     with pytest.raises(LNFreeError, match="different nodes"):
         L.compare_attribution(atp, L.activation_patching(model, clean, corrupted, metric, nodes="mlp_out",
                                                           progress=False))
+    with pytest.raises(LNFreeError, match="first"):
+        L.compare_attribution(act, atp)  # swapped
+    with pytest.raises(LNFreeError, match="positions"):  # AtP summed over all positions, AP patched 2
+        L.compare_attribution(atp, L.activation_patching(model, clean, corrupted, metric, positions=[-2, -1],
+                                                          progress=False))
+    base = L.load_hooked(models["layernorm"], dtype=torch.float64, expect_lnfree=False)
+    with pytest.raises(LNFreeError, match="different models, inputs or metrics"):
+        L.compare_attribution(atp, L.activation_patching(base, clean, corrupted, metric, progress=False))
 
 
 def test_bad_input(models, tokenizer):
     model = L.load_hooked(models["schaeff"], tokenizer=tokenizer)
+    short, long_ = "When Mary", "When Mary and John went to the store"
+    for fn in (L.attribution_patching, L.activation_patching):  # equal padded shape, unequal lengths
+        with pytest.raises(LNFreeError, match="token length"):
+            fn(model, [long_, short], [short, long_], logit_diff(" Mary", " John"))
     clean, corrupted = _pair(models["schaeff"].config.vocab_size)
     with pytest.raises(LNFreeError, match="different shapes"):
         L.attribution_patching(model, clean, corrupted[:, :10], logit_diff(ANSWER, WRONG))

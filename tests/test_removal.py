@@ -84,3 +84,12 @@ def test_export_refuses_unfinished_removal(tmp_path):
     base = random_gpt2(120, seed=3, n_layer=2, std=0.05)
     with pytest.raises(LNFreeError, match="not removed"):
         save_lnfree(base, tmp_path / "x")
+
+
+def test_refuses_what_it_could_not_finish():
+    base = random_gpt2(120, seed=3, n_layer=2, std=0.05)
+    folded = L.load_hf(base, expect_lnfree=False)  # a folded LN baseline: lm_head has a bias
+    with pytest.raises(LNFreeError, match="folded by lnfree_interp"):
+        remove_layernorm(folded, torch.arange(500) % 120, schedule=RemovalSchedule(start=1, tail=1))
+    with pytest.raises(LNFreeError, match="gaps >= 1"):
+        RemovalSchedule(gap_ln1=0)  # two LNs on one step: one would be skipped silently

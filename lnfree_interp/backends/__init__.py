@@ -151,7 +151,9 @@ def get_backend(model: object) -> Backend:
             return backend
     raise LNFreeError(
         f"Unsupported model type {type(model).__name__}. Pass a model from load_hooked / load_hf / "
-        "load_nnsight / load_unified (HookedTransformer, TransformerBridge, GPT2LMHeadModel, nnsight).")
+        "load_nnsight / load_unified (HookedTransformer, TransformerBridge, GPT2LMHeadModel, nnsight)."
+        + (" For a torch.compile'd model pass the original, model._orig_mod (hooks need the uncompiled module)."
+           if hasattr(model, "_orig_mod") else ""))
 
 
 @contextlib.contextmanager
