@@ -134,14 +134,14 @@ def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
             something that is not an int / ints.
     """
     batch = mask.shape[0]
-    ok = (isinstance(pos, numbers.Integral) and not isinstance(pos, bool)) or (
-        isinstance(pos, (list, tuple)) and pos and all(isinstance(p, numbers.Integral) and not isinstance(p, bool)
-                                                       for p in pos)) or (
-        torch.is_tensor(pos) and not pos.is_floating_point() and pos.dtype != torch.bool and pos.ndim <= 1)
-    if not ok:
+    try:
+        pos_t = torch.as_tensor(pos)
+    except (TypeError, ValueError, RuntimeError):
+        pos_t = None
+    if pos_t is None or pos_t.is_floating_point() or pos_t.dtype == torch.bool or pos_t.ndim > 1 or not pos_t.numel():
         raise LNFreeError(f"pos={pos!r}: pass an int (negative counts from each prompt's last real token) or "
                           "one int per prompt.")
-    pos_t = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
+    pos_t = pos_t.long().reshape(-1)
     if pos_t.numel() == 1:
         pos_t = pos_t.expand(batch)
     if pos_t.numel() != batch:
