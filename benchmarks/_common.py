@@ -121,23 +121,22 @@ def random_gpt2(shape: str = "gpt2-small", seed: int = 0):
 
 
 def hack_lnfree(model, seed: int = 1):
-    """The LN-free ("schaeff") encoding, as tests/conftest.py ``hack_schaeff``: every LN gets
-    eps 1e12 and weight ``gamma * 1e6 / s`` with ``s ~ U[0.5, 3]`` per LayerNorm. Returns a copy."""
+    """The LN-free ("schaeff") encoding, written by the library's own exporter: every LN becomes a
+    removed FakeLayerNorm with std ``s ~ U[0.5, 3]``, then ``to_schaeff_encoding`` (eps 1e12, weight
+    ``gamma * 1e6 / s``). Returns a copy."""
     import copy
 
     import torch
-    from torch import nn
 
-    model = copy.deepcopy(model)
+    from lnfree_interp.removal import FakeLayerNorm, install_fake_layernorms, to_schaeff_encoding
+
+    model = install_fake_layernorms(copy.deepcopy(model))
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                s = float(torch.empty(()).uniform_(0.5, 3.0, generator=gen))
-                module.weight.mul_(1e6 / s)
-                module.eps = 1e12
-    model.config.layer_norm_epsilon = 1e12
-    return model
+    for module in model.modules():
+        if isinstance(module, FakeLayerNorm):
+            module.running_std.fill_(float(torch.empty(()).uniform_(0.5, 3.0, generator=gen)))
+            module.remove()
+    return to_schaeff_encoding(model)
 
 
 def lnfree_gpt2(shape: str = "gpt2-small", seed: int = 0):

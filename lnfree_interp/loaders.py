@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 
-from ._hf import as_dtype, check_device, build_gpt2, folded_config, reference_model
+from ._hf import as_dtype, build_gpt2, check_device, folded_config, reference_model
 from .checkpoints import Source, SourceLike, _analyse, resolve
 from .errors import LNFreeError
-from .fold import fold_state_dict
+from .fold import fold_state_dict, ln_names
 
 #: attribute naming the checkpoint a loaded model came from (read by :func:`verify`)
 SOURCE_ATTR = "lnfree_source"
@@ -56,7 +56,8 @@ def _fold(src: SourceLike, *, dtype: Any, device: Any, tokenizer: Any, expect_ln
     check_device(device)
     source = resolve(src)
     try:
-        bad = [k for k, v in source.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [k for k in (f"{n}.{p}" for n in ln_names(source.n_layers) for p in ("weight", "bias"))
+               if k in source.state_dict and not bool(torch.isfinite(source.state_dict[k]).all())]
         if bad:
             raise LNFreeError(
                 f"{source.label} has inf/nan weights ({', '.join(bad[:3])}): the checkpoint is corrupt, or was cast "
