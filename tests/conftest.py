@@ -17,6 +17,7 @@ from lnfree_interp.backends.tl import has_hooked_transformer
 
 TL_BACKENDS = ["hooked", "bridge"] if has_hooked_transformer() else ["bridge"]
 LOADERS = ["hf", "nnsight", "unified", *TL_BACKENDS]
+NO_HOOKED = "HookedTransformer was removed in TransformerLens 4.0; this case runs in the TL 3.9 lane (.venv3 / CI)"
 CORPUS = (
     "When Mary and John went to the store, John gave a drink to Mary. "
     "When Tom and James went to the park, James gave a ring to Tom. "
@@ -164,3 +165,16 @@ def assert_unchanged(model, snapshot):
     assert set(now) == set(snapshot)
     for k, v in snapshot.items():
         assert torch.equal(now[k], v), f"{k} was modified"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc):
+    """On TransformerLens 4.x, a test parametrized over LOADERS / TL_BACKENDS gets its "hooked" case
+    as a visible skip with the reason (instead of silently having one case fewer)."""
+    if has_hooked_transformer():
+        return
+    markers = metafunc.definition.own_markers
+    for i, mark in enumerate(markers):
+        if mark.name == "parametrize" and len(mark.args) >= 2 and (mark.args[1] is LOADERS or mark.args[1] is TL_BACKENDS):
+            values = [*mark.args[1], pytest.param("hooked", marks=pytest.mark.skip(reason=NO_HOOKED))]
+            markers[i] = pytest.mark.parametrize(mark.args[0], values, *mark.args[2:], **mark.kwargs).mark

@@ -32,13 +32,26 @@ def test_folded_reader_equals_hand_written_layernorm(models):
 
 
 def test_identity_without_fold_is_wrong(models):
-    """Replacing the hacked LN by the identity without folding changes the output by O(1)."""
+    """Replacing the hacked LNs by identities without folding changes the logits by O(1); the
+    library's fold (load_hf) reproduces the hand-written reference instead."""
+    import copy
+
+    import lnfree_interp as L
+
+    from .conftest import reference
+
     model = models["schaeff"]
-    ln, attn = model.transformer.h[0].ln_1, model.transformer.h[0].attn.c_attn
-    x = torch.randn(5, 64, dtype=torch.float64) + 1
-    hand = ((x - x.mean(-1, keepdim=True)) * ln.weight.double() / 1e6 + ln.bias.double()) @ attn.weight.double()
-    naive = x @ attn.weight.double()
-    assert (naive - hand).abs().max() > 0.1 * hand.abs().max()
+    naive = copy.deepcopy(model).double()
+    for block in naive.transformer.h:
+        block.ln_1, block.ln_2 = torch.nn.Identity(), torch.nn.Identity()
+    naive.transformer.ln_f = torch.nn.Identity()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hand = reference(model)(tokens).logits
+        unfolded = naive(tokens).logits
+        folded = L.load_hf(model, dtype=torch.float64)(tokens).logits
+    assert (unfolded - hand).abs().max() > 0.1 * hand.abs().max()
+    assert (folded - hand).abs().max() <= 1e-12 * hand.abs().max()
 
 
 def test_unembedding_folded_untied_and_wte_unchanged(models):
@@ -66,13 +79,23 @@ def test_fold_never_writes_to_its_input_and_does_not_alias(models):
 
 
 def test_fold_is_idempotent(models):
-    """Folding the folded weights again changes nothing (the card's re-run-a-cell bug class)."""
+    """Folding the folded weights again changes nothing (the card's re-run-a-cell bug class): the
+    folded state dict, given hacked identity LNs (weight 1e6, bias 0, eps 1e12), is folded for real
+    (centring and affine) and comes back the same, because its readers are already centred."""
     model = models["schaeff"]
     once, _ = _fold(model, dtype=torch.float64)
-    twice = fold_state_dict(once, model.config.n_layer, None, dtype=torch.float64, tied_unembed=False)
+    hacked = dict(once)
+    for name in ln_names(model.config.n_layer):
+        hacked[f"{name}.weight"] = torch.full((model.config.n_embd,), 1e6, dtype=torch.float64)
+        hacked[f"{name}.bias"] = torch.zeros(model.config.n_embd, dtype=torch.float64)
+    lns = classify_layernorms(hacked, model.config.n_layer, {n: 1e12 for n in ln_names(model.config.n_layer)})
+    assert all(ln.hacked for ln in lns)
+    twice = fold_state_dict(hacked, model.config.n_layer, lns, dtype=torch.float64, tied_unembed=False)
     assert set(once) == set(twice)
     for k in once:
-        assert torch.equal(once[k], twice[k]), k
+        assert (once[k] - twice[k]).abs().max() <= 1e-12 * once[k].abs().max().clamp_min(1), k
+    cast = fold_state_dict(once, model.config.n_layer, None, dtype=torch.float64, tied_unembed=False)
+    assert all(torch.equal(once[k], cast[k]) for k in once)  # no LNs: a plain cast
 
 
 def test_center_writing_weights_centres_writers_only(models):

@@ -1,0 +1,361 @@
+"""Tests that kill the surviving mutants of issue 15, through the public API only.
+
+Every expected value here is computed by hand from the unfolded float64 reference of conftest
+(hacked LayerNorms written out as ``(x - mean) * w / 1e6 + b``, or the real ``nn.LayerNorm`` for
+baselines), hooked with plain torch: no lnfree_interp code is used for the expectation.
+
+Tolerances: 1e-10 absolute in float64 (the sums involved are O(10) logits, so this is ~1e-11 relative).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lnfree_interp as L
+from lnfree_interp import LNFreeError, logit_diff
+
+from .conftest import LOADERS, load, random_gpt2, reference
+
+ANSWER, WRONG = [5, 17, 40], 9
+TOL = 1e-10
+NODES = ["head", "attn_out", "mlp_out", "neuron", "resid_pre"]
+
+
+def _tokens(vocab, seed=1, shape=(3, 14)):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(vocab):
+    gen = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, vocab, (3, 12), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 4] = torch.randint(0, vocab, (3,), generator=gen)
+    corrupted[:, 9] = torch.randint(0, vocab, (3,), generator=gen)
+    return clean, corrupted
+
+
+class Ref:
+    """The float64 reference of an unfolded checkpoint, with every activation captured by hand."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ref = reference(model)
+        cfg = model.config
+        self.n_layers, self.n_heads, self.d_head = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+
+    def run(self, tokens):
+        ref, store, hooks = self.ref, {}, []
+
+        def pre(name):
+            return lambda m, a: store.__setitem__(name, a[0].detach())
+
+        def post(name):
+            return lambda m, a, out: store.__setitem__(name, (out[0] if isinstance(out, tuple) else out).detach())
+
+        hooks.append(ref.transformer.ln_f.register_forward_pre_hook(pre("final")))
+        hooks.append(ref.transformer.wte.register_forward_hook(post("embed")))
+        hooks.append(ref.transformer.wpe.register_forward_hook(post("pos_embed")))
+        for layer, block in enumerate(ref.transformer.h):
+            hooks.append(block.ln_1.register_forward_pre_hook(pre(f"resid_pre{layer}")))
+            hooks.append(block.attn.c_proj.register_forward_pre_hook(pre(f"z{layer}")))
+            hooks.append(block.attn.c_proj.register_forward_hook(post(f"attn_out{layer}")))
+            hooks.append(block.mlp.c_proj.register_forward_pre_hook(pre(f"post{layer}")))
+            hooks.append(block.mlp.register_forward_hook(post(f"mlp_out{layer}")))
+        try:
+            with torch.no_grad():
+                store["logits"] = ref(tokens).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        return store
+
+    def writes(self, store, layer, kind):
+        """The residual-stream writes ``[B, P, k, d]`` of the nodes of one layer (resid_pre: the stream)."""
+        blocks = self.ref.transformer.h
+        if kind == "head":
+            z = store[f"z{layer}"].unflatten(-1, (self.n_heads, self.d_head))  # [B, P, H, dh]
+            W = blocks[layer].attn.c_proj.weight.unflatten(0, (self.n_heads, self.d_head))  # [H, dh, d]
+            return torch.einsum("bphk,hkd->bphd", z, W)
+        if kind == "neuron":
+            return store[f"post{layer}"][..., None] * blocks[layer].mlp.c_proj.weight  # [B, P, N, d]
+        return store[f"{kind}{layer}"][..., None, :]  # [B, P, 1, d]
+
+    def unembed(self, r, answer, wrong):
+        """Metric of final residuals ``r [..., B, d]`` through ln_f (recomputed) and the unembedding."""
+        rows = torch.arange(r.shape[-2])
+        lg = self.ref.lm_head(self.ref.transformer.ln_f(r))
+        return lg[..., rows, answer] - lg[..., rows, wrong]
+
+
+def _ids(x, batch):
+    return torch.as_tensor(x).expand(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# patching.py: the direct part of AtP for every node kind and layer (mutant: W_out[0] for all)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", NODES)
+def test_atp_direct_part_equals_hand_written_direct_effect(nodes, models):
+    """Direct part of AtP per node, layer and position == the change of the metric when the node's
+    write (its corrupted minus clean value) is added to the final residual stream only, recomputed
+    through the reference's ln_f and unembedding. Exact for an LN-free model and a linear metric."""
+    src = models["schaeff"]
+    clean, corrupted = _pair(src.config.vocab_size)
+    B, P = clean.shape
+    ref = Ref(src)
+    s_clean, s_corr = ref.run(clean), ref.run(corrupted)
+    answer, wrong = _ids(ANSWER, B), _ids(WRONG, B)
+    model = L.load_hooked(src, dtype=torch.float64)
+    atp = L.attribution_patching(model, clean, corrupted, logit_diff(ANSWER, WRONG), nodes=nodes)
+    r = s_clean["final"][:, -1]  # [B, d]
+    base = ref.unembed(r, answer, wrong)
+    row = 0
+    for layer in range(ref.n_layers):
+        delta = ref.writes(s_corr, layer, nodes) - ref.writes(s_clean, layer, nodes)  # [B, P, k, d]
+        k = delta.shape[2]
+        expected = torch.zeros(k, P, B, dtype=torch.float64)
+        # only the last position's final residual reaches the metric
+        expected[:, -1] = (ref.unembed(r + delta[:, -1].transpose(0, 1), answer, wrong) - base)  # [k, B]
+        got = atp.direct[row : row + k]
+        assert (got - expected).abs().max() <= TOL, (nodes, layer)
+        row += k
+    assert row == atp.direct.shape[0]
+    assert atp.direct.abs().max() > 1e-3  # the check has something to compare
+
+
+def test_neuron_atp_of_the_last_layer_equals_activation_patching(models):
+    """Last-layer neurons reach the metric only directly: AtP == activation patching, and it is all
+    direct (indirect == 0); earlier layers' neurons have an indirect part."""
+    src = models["schaeff"]
+    clean, corrupted = _pair(src.config.vocab_size)
+    model = L.load_hooked(src, dtype=torch.float64)
+    metric = logit_diff(ANSWER, WRONG)
+    atp = L.attribution_patching(model, clean, corrupted, metric, nodes="neuron")
+    act = L.activation_patching(model, clean, corrupted, metric, nodes="neuron", per_position=True,
+                                positions=[-1], batch_size=4096, progress=False)
+    last = [i for i, lab in enumerate(atp.labels) if lab.startswith(f"L{src.config.n_layer - 1}N")]
+    first = [i for i, lab in enumerate(atp.labels) if lab.startswith("L0N")]
+    assert len(last) == src.config.n_inner or len(last) == 4 * src.config.n_embd
+    assert (atp.values[last, -1] - act.values[last, 0]).abs().max() <= TOL
+    assert atp.indirect[last].abs().max() <= 1e-12
+    assert act.values[last, 0].abs().max() > 1e-3
+    assert atp.indirect[first].abs().max() > 1e-6
+
+
+def test_atp_is_zero_at_padding_even_for_a_metric_that_reads_it(models):
+    """Pins ``* valid``: a metric that reads every position (padding included) has non-zero
+    gradients at padded positions, yet nothing is attributed to them."""
+    src = models["schaeff"]
+    clean, corrupted = _pair(src.config.vocab_size)
+    mask = torch.ones_like(clean)
+    mask[1, 8:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+
+    def everywhere(logits):  # reads padded positions too
+        return logits[..., 5].sum(-1)
+
+    model = L.load_hooked(src, dtype=torch.float64)
+    for nodes in ("head", "neuron", "resid_pre"):
+        atp = L.attribution_patching(model, clean, corrupted, everywhere, nodes=nodes, attention_mask=mask,
+                                     corrupted_attention_mask=mask)
+        pad = ~mask.bool().T  # [P, B]
+        assert torch.count_nonzero(atp.values[:, pad]) == 0 and torch.count_nonzero(atp.direct[:, pad]) == 0
+        assert atp.values[:, ~pad].abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# backends: LN baselines with a non-default eps (mutant: eps hard-coded to 1e-5)
+# --------------------------------------------------------------------------------------------
+
+
+def _with_eps(model, eps):
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = eps
+    model.config.layer_norm_epsilon = eps
+    return model
+
+
+@pytest.fixture(scope="module", params=[1e-3, 0.5])
+def eps_model(request, base_model):
+    return request.param, _with_eps(base_model, request.param)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_ln_baseline_with_non_default_eps(loader, eps_model):
+    """The frozen-scale DLA of an LN baseline sums to the metric and matches the hand formula
+    ``(C v . g*u) / sqrt(var(r) + eps)``; the direct effect matches recomputing the real LN."""
+    eps, src = eps_model
+    tokens = _tokens(src.config.vocab_size)
+    B = tokens.shape[0]
+    ref = Ref(src)
+    store = ref.run(tokens)
+    answer, wrong = _ids(ANSWER, B), _ids(WRONG, B)
+    model = load(loader, src, dtype=torch.float64, expect_lnfree=False)
+    dla = L.direct_logit_attribution(model, tokens, ANSWER, WRONG, by="layer")
+    de = L.direct_effect(model, tokens, ANSWER, WRONG, components="layer")
+    r = store["final"][:, -1]
+    cr = r - r.mean(-1, keepdim=True)
+    scale = (cr.pow(2).mean(-1) + eps).sqrt()  # [B]
+    ln_f, W = ref.ref.transformer.ln_f, ref.ref.lm_head.weight
+    u = (W[answer] - W[wrong]) * ln_f.weight  # [B, d]
+    base = ref.unembed(r, answer, wrong)
+    assert (dla.metric - base).abs().max() <= TOL
+    assert (dla.total() - dla.metric).abs().max() <= TOL
+    for label in dla.labels:
+        if label in ("embed", "pos_embed"):
+            v = store[label][:, -1]
+        else:
+            layer, kind = label.split("_", 1)
+            v = store[f"{kind}{layer}"][:, -1]
+        cv = v - v.mean(-1, keepdim=True)
+        assert (dla[label] - (cv * u).sum(-1) / scale).abs().max() <= TOL, (label, eps)
+        assert (de[label] - (base - ref.unembed(r - v, answer, wrong))).abs().max() <= TOL, (label, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs.py: boundary positions (mutant: real_idx > lengths)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loader", ["hf", "bridge"])
+def test_position_boundaries(loader, models):
+    src = models["schaeff"]
+    model = load(loader, src, dtype=torch.float64)
+    tokens = _tokens(src.config.vocab_size, shape=(1, 9))
+    n = tokens.shape[1]
+    with pytest.raises(LNFreeError, match="outside the prompt"):
+        L.direct_logit_attribution(model, tokens, 5, 9, pos=n)
+    with pytest.raises(LNFreeError, match="outside the prompt"):
+        L.direct_logit_attribution(model, tokens, 5, 9, pos=-n - 1)
+    first = L.direct_logit_attribution(model, tokens, 5, 9, pos=-n)
+    assert torch.equal(first.values, L.direct_logit_attribution(model, tokens, 5, 9, pos=0).values)
+    alone = L.direct_logit_attribution(model, tokens[:, :1], 5, 9)  # position 0 is a one-token prompt
+    assert (first.values - alone.values).abs().max() <= TOL
+    last = L.direct_logit_attribution(model, tokens, 5, 9, pos=n - 1)
+    assert torch.equal(last.values, L.direct_logit_attribution(model, tokens, 5, 9, pos=-1).values)
+    # padded batch: a prompt's length, not the padded width, is the bound
+    padded = torch.cat([tokens, torch.zeros(1, 5, dtype=torch.long)], 1).expand(2, -1).clone()
+    mask = torch.ones_like(padded)
+    mask[1, n:] = 0
+    with pytest.raises(LNFreeError, match="outside the prompt"):
+        L.direct_logit_attribution(model, padded, 5, 9, pos=n, attention_mask=mask)
+    with pytest.raises(LNFreeError, match="outside the prompt"):
+        L.direct_logit_attribution(model, padded, 5, 9, pos=[n - 1, n], attention_mask=mask)  # per prompt
+    both = L.direct_logit_attribution(model, padded, 5, 9, pos=[n + 4, n - 1], attention_mask=mask)
+    assert (both.values[:, 1] - last.values[:, 0]).abs().max() <= TOL
+    # the metric resolves positions with the same rule
+    with pytest.raises(LNFreeError, match="outside the prompt"):
+        logit_diff(5, 9, pos=n)(torch.zeros(1, n, 20))
+    assert float(logit_diff(5, 9, pos=-n)(torch.arange(n * 20.0).view(1, n, 20))) == -4.0
+
+
+# --------------------------------------------------------------------------------------------
+# dla.py: top-k neurons by mean |value| (mutant: signed mean)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", ["dla", "direct_effect"])
+def test_top_k_keeps_the_largest_by_absolute_value(fn, models):
+    src = models["schaeff"]
+    model = L.load_hooked(src, dtype=torch.float64)
+    tokens = _tokens(src.config.vocab_size)
+    run = (lambda **kw: L.direct_logit_attribution(model, tokens, ANSWER, WRONG, by="neuron", **kw)) \
+        if fn == "dla" else (lambda **kw: L.direct_effect(model, tokens, ANSWER, WRONG, components="neuron", **kw))
+    full = run()
+    neurons = [i for i, lab in enumerate(full.labels) if "N" in lab and lab.startswith("L")]
+    score = full.values[neurons].abs().mean(-1)
+    k = 10
+    order = sorted(range(len(neurons)), key=lambda i: -float(score[i]))
+    expected = {full.labels[neurons[i]] for i in order[:k]}
+    assert float(score[order[k - 1]]) > float(score[order[k]])  # no tie at the cut
+    signed = full.values[neurons].mean(-1)
+    assert any(float(signed[i]) < 0 for i in order[:k])  # large negative neurons are among the top
+    top = run(top_k=k)
+    kept = {lab for lab in top.labels if lab.startswith("L") and "N" in lab}
+    assert kept == expected
+    for lab in kept:
+        assert torch.equal(top[lab], full[lab])
+    for layer in range(src.config.n_layer):  # the rest row is the sum of the dropped neurons
+        dropped = [neurons[i] for i in order[k:] if full.labels[neurons[i]].startswith(f"L{layer}N")]
+        assert (top[f"{layer}_mlp_rest"] - full.values[dropped].sum(0)).abs().max() <= TOL
+    assert (top.values.sum(0) - full.values.sum(0)).abs().max() <= TOL
+
+
+# --------------------------------------------------------------------------------------------
+# dla.py: DLA and direct effect by layer / neuron, and mean ablation, against hand computation
+# --------------------------------------------------------------------------------------------
+
+
+def _hand_components(ref, store, by):
+    """label -> write to the final residual at the last position ``[B, d]``, by hand."""
+    out = {"embed": store["embed"][:, -1], "pos_embed": store["pos_embed"][:, -1]}
+    for layer, block in enumerate(ref.ref.transformer.h):
+        out[f"{layer}_attn_out"] = store[f"attn_out{layer}"][:, -1]
+        if by == "neuron":
+            W = block.mlp.c_proj.weight
+            post = store[f"post{layer}"][:, -1]
+            for n in range(W.shape[0]):
+                out[f"L{layer}N{n}"] = post[:, n, None] * W[n]
+            out[f"{layer}_mlp_bias"] = block.mlp.c_proj.bias.expand(post.shape[0], -1)
+        else:
+            out[f"{layer}_mlp_out"] = store[f"mlp_out{layer}"][:, -1]
+    return out
+
+
+@pytest.mark.parametrize("by", ["layer", "neuron"])
+def test_dla_and_direct_effect_by_layer_and_neuron_against_hand_computation(by, models):
+    src = models["schaeff"]
+    tokens = _tokens(src.config.vocab_size)
+    B = tokens.shape[0]
+    ref = Ref(src)
+    store = ref.run(tokens)
+    answer, wrong = _ids(ANSWER, B), _ids(WRONG, B)
+    r = store["final"][:, -1]
+    base = ref.unembed(r, answer, wrong)
+    hand = _hand_components(ref, store, by)
+    assert (sum(hand.values()) - r).abs().max() <= 1e-9  # the components make up the final residual
+    model = L.load_hf(src, dtype=torch.float64)
+    dla = L.direct_logit_attribution(model, tokens, ANSWER, WRONG, by=by)
+    de = L.direct_effect(model, tokens, ANSWER, WRONG, components=by)
+    assert set(dla.labels) == set(hand) and de.labels == dla.labels
+    expected = torch.stack([base - ref.unembed(r - hand[lab], answer, wrong) for lab in dla.labels])
+    assert (dla.values - expected).abs().max() <= TOL
+    assert (de.values - expected).abs().max() <= TOL
+
+
+def test_mean_ablation_of_a_varying_component(models):
+    """Mean ablation replaces a head's write by its mean over every real token of the inputs
+    (padding excluded): DE = metric(r) - metric(r - (v - mean v))."""
+    src = models["schaeff"]
+    tokens = _tokens(src.config.vocab_size)
+    lengths = [14, 9, 11]
+    mask = torch.zeros_like(tokens)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    ref = Ref(src)
+    answer, wrong = torch.tensor(ANSWER), torch.tensor([WRONG] * 3)
+    per_prompt = [ref.run(tokens[b : b + 1, :n]) for b, n in enumerate(lengths)]
+    model = L.load_hooked(src, dtype=torch.float64)
+    de = L.direct_effect(model, tokens, ANSWER, WRONG, ablation="mean", attention_mask=mask)
+    checked = 0
+    for layer in range(ref.n_layers):
+        heads = torch.cat([ref.writes(s, layer, "head")[0] for s in per_prompt])  # [real tokens, H, d]
+        mean = heads.mean(0)  # [H, d]
+        last = torch.stack([ref.writes(s, layer, "head")[0, -1] for s in per_prompt])  # [B, H, d]
+        r = torch.stack([s["final"][0, -1] for s in per_prompt])
+        base = ref.unembed(r, answer, wrong)
+        for h in range(ref.n_heads):
+            expected = base - ref.unembed(r - (last[:, h] - mean[h]), answer, wrong)
+            assert (de[f"L{layer}H{h}"] - expected).abs().max() <= TOL, (layer, h)
+            zero = base - ref.unembed(r - last[:, h], answer, wrong)
+            assert (expected - zero).abs().max() > 1e-3  # the mean is not zero: the ablation matters
+            checked += 1
+    assert checked == ref.n_layers * ref.n_heads
