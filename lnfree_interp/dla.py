@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .backends import Backend, eval_mode, get_backend
+from .backends import Backend, get_backend
 from .errors import LNFreeError
 from .inputs import positions, prepare, token_ids
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
@@ -76,8 +76,8 @@ def _capture(backend: Backend, tokens: Tensor, mask: Tensor, pos: Tensor, names:
                 totals[name] = torch.einsum("bp...,bp->...", act.detach(), weight.to(act.dtype))
         return fn
 
-    with torch.no_grad(), eval_mode(backend), backend.hooks({n: keep(n) for n in names}):
-        logits = backend.forward(tokens, mask)
+    with torch.no_grad():
+        logits = backend.run(tokens, mask, hooks={n: keep(n) for n in names}).logits
     final = logits[rows, pos]
     metric = final.gather(1, answer[:, None])[:, 0]
     if wrong is not None:
@@ -218,12 +218,13 @@ def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layer
     backend, tokens, mask, pos_idx, a_ids, w_ids, layers, direction, bias = _setup(
         model, inputs, answer, wrong, pos, attention_mask, by, layers)
     names = _hook_names(backend, by, layers)
+    lnfree = backend.norms().ln_final.is_identity  # the direct path is linear iff ln_final is the identity
     mode = ablation if isinstance(ablation, str) and ablation in ("zero", "mean") else "corrupted"
     cap = _capture(backend, tokens, mask, pos_idx, names, a_ids, w_ids, sums=(mode == "mean"))
     comp = _components(backend, by, layers, cap.acts)
     r = cap.acts[names[2]]
-    centred_r = None if backend.lnfree else r - r.mean(-1, keepdim=True)
-    u0 = direction if backend.lnfree else direction - direction.mean(-1, keepdim=True)
+    centred_r = None if lnfree else r - r.mean(-1, keepdim=True)
+    u0 = direction if lnfree else direction - direction.mean(-1, keepdim=True)
     d_model = r.shape[-1]
     if want_dla:
         a, _, _ = _dots(comp, None, u0, None)
@@ -242,11 +243,13 @@ def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layer
         c_cap = _capture(backend, c_tokens, c_mask, positions(pos, c_mask), names, a_ids, w_ids)
         delta = _components(backend, by, layers, c_cap.acts)
 
+    eps = backend.norms().ln_final.eps
+
     def metric_of(x: Tensor) -> Tensor:  # final residual(s) [..., B, d] -> metric (bias term cancels)
-        if backend.lnfree:
+        if lnfree:
             return (x * direction).sum(-1)
         cx = x - x.mean(-1, keepdim=True)
-        return (cx * direction).sum(-1) / (cx.pow(2).mean(-1) + backend.eps).sqrt()
+        return (cx * direction).sum(-1) / (cx.pow(2).mean(-1) + eps).sqrt()
 
     # path patching: the patched final residual r - du, re-normalised (LN) and unembedded
     before = metric_of(r)
@@ -254,11 +257,11 @@ def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layer
     values = [before - metric_of(r[None] - du)]
     if comp.neuron_acts:  # per neuron the same, from dot products (no [neurons, batch, d_model] stack)
         a, b, c = _dots(comp, delta, u0, centred_r, vectors=False)
-        if backend.lnfree:
+        if lnfree:
             values.append(before - (before - a))
         else:
             cr_u, cr2 = (centred_r * u0).sum(-1), centred_r.pow(2).sum(-1)
-            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / d_model + backend.eps).sqrt())
+            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / d_model + eps).sqrt())
     return backend, comp, cap, [torch.cat(values, 0)], None
 
 
@@ -314,9 +317,10 @@ def direct_logit_attribution(
                                                      layers, top_k, "zero", want_dla=True)
     labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
     labels, (values,) = _top_k(labels, [values], top_k, comp)
+    lnfree = backend.norms().ln_final.is_identity
     return AttributionResult(values=values, labels=labels, metric=cap.metric, kind="dla", bias=bias,
-                             n_layers=backend.n_layers, n_heads=backend.n_heads, exact=backend.lnfree,
-                             note="" if backend.lnfree else LN_NOTE, extra={"backend": backend.name})
+                             n_layers=backend.n_layers, n_heads=backend.n_heads, exact=lnfree,
+                             note="" if lnfree else LN_NOTE, extra={"backend": backend.name})
 
 
 def direct_effect(

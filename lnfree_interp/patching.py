@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .backends import Backend, eval_mode, get_backend
+from .backends import Backend, check_metric, get_backend
 from .errors import LNFreeError
 from .inputs import prepare
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
@@ -62,17 +62,6 @@ def _bind(metric: Any, backend: Backend, mask: Tensor):
     return metric
 
 
-def _check_metric(value: Any, batch: int, need_grad: bool) -> Tensor:
-    if not torch.is_tensor(value) or value.shape != (batch,):
-        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise LNFreeError(f"The metric must return one scalar per prompt, shape ({batch},); got {shape}. "
-                          "Reduce over positions/vocabulary inside the metric, not over the batch.")
-    if need_grad and not value.requires_grad:
-        raise LNFreeError("The metric has no gradient with respect to the logits (e.g. it uses argmax or "
-                          ".detach()); attribution patching needs a differentiable metric such as logit_diff.")
-    return value
-
-
 def _pair(backend: Backend, clean: Any, corrupted: Any, attention_mask: Any, corrupted_attention_mask: Any):
     tokens, mask = prepare(backend, clean, attention_mask)
     c_tokens, c_mask = prepare(backend, corrupted, corrupted_attention_mask)
@@ -86,19 +75,6 @@ def _pair(backend: Backend, clean: Any, corrupted: Any, attention_mask: Any, cor
                           f"{lengths}): patching swaps activations position by position, so each corrupted prompt "
                           "must have exactly its clean prompt's token length.")
     return tokens, mask, c_tokens, c_mask
-
-
-def _run_capture(backend: Backend, tokens: Tensor, mask: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
-
-    def keep(name: str):
-        def fn(act: Tensor) -> None:
-            store[name] = act.detach()
-        return fn
-
-    with torch.no_grad(), backend.hooks({n: keep(n) for n in names}):
-        logits = backend.forward(tokens, mask)
-    return logits, store
 
 
 def attribution_patching(
@@ -155,36 +131,17 @@ def attribution_patching(
     final = f"blocks.{L - 1}.hook_resid_post"
     w = backend.weights()
 
-    with eval_mode(backend):
-        corr_logits, corr = _run_capture(backend, c_tokens, c_mask, names)
-        m_corr = _check_metric(f_corr(corr_logits), batch, need_grad=False).detach()
-        del corr_logits
-        acts: dict[str, Tensor] = {}
-
-        def keep(name: str):
-            def fn(act: Tensor) -> Tensor:
-                acts[name] = act
-                return act
-            return fn
-
-        def leaf(act: Tensor) -> Tensor:  # gradients flow even if the parameters are frozen
-            return act if act.requires_grad else act.detach().requires_grad_(True)
-
-        hooks = {n: keep(n) for n in names + [final]}
-        hooks["hook_embed"] = leaf
-        with torch.enable_grad(), backend.hooks(hooks):
-            logits = backend.forward(tokens, mask)
-            m = _check_metric(f_clean(logits), batch, need_grad=True)
-            grads = torch.autograd.grad(m.sum(), [acts[n] for n in names] + [acts[final]])
-    if not all(bool(torch.isfinite(g).all()) for g in grads):
-        raise LNFreeError(f"Non-finite gradients in {backend.dtype} (overflow); load the model in float32 or "
-                          "bfloat16 for attribution patching.")
+    corr_run = backend.run(c_tokens, c_mask, capture=names, metric=f_corr)
+    corr, m_corr = corr_run.acts, corr_run.metric
+    clean_run = backend.run(tokens, mask, capture=names, grad_of=names + [final], metric=f_clean)
+    acts, m = clean_run.acts, clean_run.metric
+    grads = [clean_run.grads[n] for n in names + [final]]
     g_final = grads[-1]
     valid = (mask.bool() & c_mask.bool())[..., None].to(g_final.dtype)
     values, direct, labels = [], [], []
     with torch.no_grad():
         for layer, name in enumerate(names):
-            delta = corr[name] - acts[name].detach()
+            delta = corr[name] - acts[name]
             total = _node_dot(delta, grads[layer], nodes)
             if nodes == "head":
                 d_grad = torch.einsum("bpd,hkd->bphk", g_final, w.W_O[layer])
@@ -204,10 +161,10 @@ def attribution_patching(
     note = ("direct part exact (LN-free model, metric linear in the logits); indirect part first order"
             if backend.lnfree and linear else "direct and indirect parts are first-order estimates")
     return AttributionResult(
-        values=values_t, labels=labels, metric=m.detach(), kind="atp", n_layers=L, n_heads=backend.n_heads,
+        values=values_t, labels=labels, metric=m, kind="atp", n_layers=L, n_heads=backend.n_heads,
         exact=False, note=note, direct=direct_t, indirect=values_t - direct_t,
         positions=list(range(tokens.shape[1])) if per_position else None,
-        extra={"metric_clean": m.detach(), "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name,
+        extra={"metric_clean": m, "metric_corrupted": m_corr, "nodes": nodes, "backend": backend.name,
                "direct_exact": bool(backend.lnfree and linear)},
     )
 
@@ -275,12 +232,11 @@ def activation_patching(
             for p in (pos_list if per_position else [None])]
     copies = max(1, batch_size // batch)
 
-    with eval_mode(backend), torch.no_grad():
-        clean_logits, _ = _run_capture(backend, tokens, mask, [])
-        m_clean = _check_metric(f_clean(clean_logits), batch, need_grad=False)
-        corr_logits, corr = _run_capture(backend, c_tokens, c_mask, names)
-        m_corr = _check_metric(f_corr(corr_logits), batch, need_grad=False)
-        del clean_logits, corr_logits
+    with torch.no_grad():
+        m_clean = backend.run(tokens, mask, metric=f_clean).metric
+        corr_run = backend.run(c_tokens, c_mask, capture=names, metric=f_corr)
+        corr, m_corr = corr_run.acts, corr_run.metric
+        del corr_run
         effects = torch.empty(len(jobs), batch, dtype=m_clean.dtype, device=m_clean.device)
         chunks = range(0, len(jobs), copies)
         for start in tqdm(chunks, desc="activation patching", disable=not progress or len(chunks) < 3,
@@ -307,11 +263,10 @@ def activation_patching(
                     return torch.where(sel, src.unsqueeze(0), act).view(J * shape[0], *shape[1:])
 
                 hooks[name] = patch
-            with backend.hooks(hooks):
-                logits = backend.forward(tokens.repeat(J, 1), mask.repeat(J, 1))
+            logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=hooks).logits
             logits = logits.view(J, batch, *logits.shape[1:])
             for j in range(J):
-                effects[start + j] = _check_metric(f_clean(logits[j]), batch, need_grad=False) - m_clean
+                effects[start + j] = check_metric(f_clean(logits[j]), batch, need_grad=False) - m_clean
     labels = [lab for layer in range(L) for lab in _labels(backend, nodes, layer)]
     values = effects.view(len(labels), len(pos_list), batch) if per_position else effects
     return AttributionResult(

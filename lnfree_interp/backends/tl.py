@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib.metadata import version
 from typing import Any
 
@@ -23,7 +23,8 @@ import einops
 from torch import Tensor, nn
 
 from ..errors import LNFreeError
-from . import Backend, HookFn, Weights
+from . import Backend, HookFn, Norms, NormSpec, Weights
+from .hf import gpt2_norms, gpt2_weights, norm_spec
 
 
 def tl_major() -> int:
@@ -40,55 +41,100 @@ def detect(model: object) -> Backend | None:
         from transformer_lens import HookedTransformer
 
         if isinstance(model, HookedTransformer):
-            return TLBackend(model, "hooked")
+            return HookedBackend(model)
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(model, TransformerBridge):
-        return TLBackend(model, "bridge")
+        return BridgeBackend(model)
     return None
 
 
-class TLBackend(Backend):
-    def __init__(self, model: Any, name: str):
-        super().__init__(model, model)
+def _tl_norm_spec(module: nn.Module, where: str) -> NormSpec:
+    """What a HookedTransformer normalisation module computes (read from the module, not ``cfg``)."""
+    kind = type(module).__name__
+    if kind == "LayerNormPre":
+        return NormSpec("layernorm", float(module.eps))
+    if kind == "LayerNorm" and hasattr(module, "w"):
+        if bool((module.w == 1).all()) and bool((module.b == 0).all()):
+            return NormSpec("layernorm", float(module.eps))
+    elif isinstance(module, nn.Identity) or kind == "Identity":
+        return NormSpec("identity")
+    else:
+        return norm_spec(module, where)
+    raise LNFreeError(
+        f"{where} is a TransformerLens {kind} with an unfolded affine map; attribution needs it folded "
+        "(None for LN-free models, 'LNPre' for LN baselines). Load the model with lnfree_interp.load_hooked"
+        + (" (or TL's from_pretrained with fold_ln=True)." if has_hooked_transformer() else "."))
+
+
+class _TLBackend(Backend):
+    def __init__(self, model: Any, wrapper: object = None, name: str | None = None):
+        super().__init__(wrapper if wrapper is not None else model, model, name)
         self.tl = model
-        self.name = name
         cfg = model.cfg
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.d_head, self.d_mlp, self.d_vocab, self.n_ctx = cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx
-        norm = cfg.normalization_type
-        if norm not in (None, "LNPre"):
-            raise LNFreeError(
-                f"This TransformerLens model has normalization_type={norm!r}; attribution needs the "
-                "final LayerNorm folded (None for LN-free models, 'LNPre' for LN baselines). Load it "
-                "with lnfree_interp.load_hooked (or TL's from_pretrained with fold_ln=True).")
-        self.lnfree = norm is None
-        self.eps = float(cfg.eps)
         self.tokenizer = getattr(model, "tokenizer", None)
-
-    def weights(self) -> Weights:
-        m = self.tl
-        if self.name == "bridge":
-            # the HF modules the bridge wraps (HF Conv1D: weight [in, out]); the bridge's own b_U is
-            # a zero buffer in TL 4.x, while our folded lm_head has a bias
-            o = [b.attn.o.original_component for b in m.blocks]
-            out = [b.mlp.out.original_component for b in m.blocks]
-            lm_head = m.unembed.original_component
-            return Weights([x.weight.view(self.n_heads, self.d_head, self.d_model) for x in o], [x.bias for x in o],
-                           [x.weight for x in out], [x.bias for x in out], lm_head.weight.T, lm_head.bias)
-        blocks = m.blocks
-        return Weights([b.attn.W_O for b in blocks], [b.attn.b_O for b in blocks], [b.mlp.W_out for b in blocks],
-                       [b.mlp.b_out for b in blocks], m.W_U, m.b_U)
+        norms = self.norms()  # read from the modules; refuses unfolded LayerNorms
+        kinds = {s.kind for s in (*norms.ln1, *norms.ln2, norms.ln_final)}
+        declared = cfg.normalization_type
+        if declared not in (None, "LNPre") or kinds != ({"identity"} if declared is None else {"layernorm"}):
+            raise LNFreeError(
+                f"This TransformerLens model has normalization_type={declared!r} but its normalisation modules "
+                f"compute {' and '.join(sorted(kinds))}: the config and the modules disagree, so no attribution "
+                "could be trusted. Attribution needs cfg and modules to agree: None with identity modules "
+                "(LN-free), 'LNPre' with LayerNormPre (LN baselines). Load the model with lnfree_interp.load_hooked"
+                + (" (or TL's from_pretrained with fold_ln=True)." if has_hooked_transformer() else "."))
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.tl(tokens, attention_mask=attention_mask, return_type="logits")
 
     @contextlib.contextmanager
-    def hooks(self, fns: dict[str, HookFn]) -> Iterator[None]:
+    def hooks(self, fns: Mapping[str, HookFn]) -> Iterator[None]:
         self.check_names(fns)
         fwd = [(name, lambda act, hook, fn=fn: fn(act)) for name, fn in fns.items()]
         with self.tl.hooks(fwd_hooks=fwd):
             yield
+
+
+class HookedBackend(_TLBackend):
+    """TransformerLens ``HookedTransformer`` (TL 3.x): its own parameters in TL layout."""
+
+    name = "hooked"
+
+    def weights(self) -> Weights:
+        m = self.tl
+        a = [b.attn for b in m.blocks]
+        f = [b.mlp for b in m.blocks]
+        return Weights([x.W_Q for x in a], [x.W_K for x in a], [x.W_V for x in a], [x.b_Q for x in a],
+                       [x.b_K for x in a], [x.b_V for x in a], [x.W_O for x in a], [x.b_O for x in a],
+                       [x.W_in for x in f], [x.b_in for x in f], [x.W_out for x in f], [x.b_out for x in f],
+                       m.W_U, m.b_U)
+
+    def norms(self) -> Norms:
+        b = self.tl.blocks
+        return Norms([_tl_norm_spec(x.ln1, f"blocks.{i}.ln1") for i, x in enumerate(b)],
+                     [_tl_norm_spec(x.ln2, f"blocks.{i}.ln2") for i, x in enumerate(b)],
+                     _tl_norm_spec(getattr(self.tl, "ln_final", nn.Identity()), "ln_final"))  # absent: None
+
+
+class BridgeBackend(_TLBackend):
+    """TransformerLens ``TransformerBridge``: the HF modules it wraps hold the weights (the bridge's
+    own ``b_U`` is a zero buffer in TL 4.x, while the folded ``lm_head`` has a bias)."""
+
+    name = "bridge"
+
+    def weights(self) -> Weights:
+        b = self.tl.blocks
+        return gpt2_weights([x.attn.qkv.original_component for x in b], [x.attn.o.original_component for x in b],
+                            [x.mlp.__getattr__("in").original_component for x in b],
+                            [x.mlp.out.original_component for x in b], self.tl.unembed.original_component,
+                            self.n_heads)
+
+    def norms(self) -> Norms:
+        b = self.tl.blocks
+        return gpt2_norms([x.ln1.original_component for x in b], [x.ln2.original_component for x in b],
+                          self.tl.ln_final.original_component)
 
 
 # --------------------------------------------------------------------------------------------
