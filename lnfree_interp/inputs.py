@@ -216,3 +216,25 @@ def check_ids(ids: Sequence[int], batch: int, d_vocab: int, what: str) -> Int[Te
     if out.numel() != batch:
         raise LNFreeError(f"Got {out.numel()} {what} tokens for {batch} prompts; pass one, or one per prompt.")
     return out
+
+
+def pair_inputs(backend: Any, clean: Any, corrupted: Any, attention_mask: Tensor | None = None,
+                corrupted_attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Clean and corrupted prompts as ``(tokens, mask, c_tokens, c_mask)``, each ``[batch, pos]``.
+
+    Raises:
+        LNFreeError: different shapes, or a prompt pair whose token lengths / padding differ
+            (patching swaps activations position by position).
+    """
+    tokens, mask = prepare(backend, clean, attention_mask)
+    c_tokens, c_mask = prepare(backend, corrupted, corrupted_attention_mask)
+    if tokens.shape != c_tokens.shape:
+        raise LNFreeError(f"clean and corrupted inputs have different shapes {tuple(tokens.shape)} vs "
+                          f"{tuple(c_tokens.shape)}: patching needs prompt pairs of equal token length.")
+    if not torch.equal(mask, c_mask):
+        bad = [i for i in range(mask.shape[0]) if not torch.equal(mask[i], c_mask[i])]
+        lengths = [(int(mask[i].sum()), int(c_mask[i].sum())) for i in bad[:3]]
+        raise LNFreeError(f"Prompt pair(s) {bad[:5]} have different token lengths or padding (clean, corrupted: "
+                          f"{lengths}): patching swaps activations position by position, so each corrupted prompt "
+                          "must have exactly its clean prompt's token length.")
+    return tokens, mask, c_tokens, c_mask

@@ -99,3 +99,17 @@ def logprob(answer: Any, pos: int | list[int] = -1) -> LogProb:
         pos: position, or one per prompt; negative counts from each prompt's last real token.
     """
     return LogProb(answer, None, pos)
+
+
+def bind_metric(metric: Any, backend: Any, mask: Tensor) -> Metric:
+    """``metric`` as a function of logits alone: token metrics resolve their ids and positions for
+    this model and attention mask; plain callables are used as they are.
+
+    Raises:
+        LNFreeError: ``metric`` is not callable.
+    """
+    if hasattr(metric, "bind"):
+        return metric.bind(backend, mask)
+    if not callable(metric):
+        raise LNFreeError(f"metric must be callable on logits [batch, pos, vocab], got {type(metric).__name__}.")
+    return metric

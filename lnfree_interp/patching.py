@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .backends import Backend, check_metric, get_backend
 from .errors import LNFreeError
-from .inputs import prepare
+from .inputs import pair_inputs
+from .metrics import bind_metric
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
 
 Nodes = Literal["head", "attn_out", "mlp_out", "neuron", "resid_pre"]
@@ -52,29 +53,6 @@ def _node_dot(x: Tensor, y: Tensor, nodes: str) -> Tensor:
     if nodes == "neuron":
         return x * y  # [B, P, d_mlp]
     return (x * y).sum(-1, keepdim=True)  # [B, P, 1]
-
-
-def _bind(metric: Any, backend: Backend, mask: Tensor):
-    if hasattr(metric, "bind"):
-        return metric.bind(backend, mask)
-    if not callable(metric):
-        raise LNFreeError(f"metric must be callable on logits [batch, pos, vocab], got {type(metric).__name__}.")
-    return metric
-
-
-def _pair(backend: Backend, clean: Any, corrupted: Any, attention_mask: Any, corrupted_attention_mask: Any):
-    tokens, mask = prepare(backend, clean, attention_mask)
-    c_tokens, c_mask = prepare(backend, corrupted, corrupted_attention_mask)
-    if tokens.shape != c_tokens.shape:
-        raise LNFreeError(f"clean and corrupted inputs have different shapes {tuple(tokens.shape)} vs "
-                          f"{tuple(c_tokens.shape)}: patching needs prompt pairs of equal token length.")
-    if not torch.equal(mask, c_mask):
-        bad = [i for i in range(mask.shape[0]) if not torch.equal(mask[i], c_mask[i])]
-        lengths = [(int(mask[i].sum()), int(c_mask[i].sum())) for i in bad[:3]]
-        raise LNFreeError(f"Prompt pair(s) {bad[:5]} have different token lengths or padding (clean, corrupted: "
-                          f"{lengths}): patching swaps activations position by position, so each corrupted prompt "
-                          "must have exactly its clean prompt's token length.")
-    return tokens, mask, c_tokens, c_mask
 
 
 def attribution_patching(
@@ -123,9 +101,9 @@ def attribution_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
-    tokens, mask, c_tokens, c_mask = _pair(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
+    tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     batch = tokens.shape[0]
-    f_clean, f_corr = _bind(metric, backend, mask), _bind(metric, backend, c_mask)
+    f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     L = backend.n_layers
     names = [f"blocks.{layer}.{NODE_HOOKS[nodes]}" for layer in range(L)]
     final = f"blocks.{L - 1}.hook_resid_post"
@@ -217,9 +195,9 @@ def activation_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
-    tokens, mask, c_tokens, c_mask = _pair(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
+    tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     batch, seq = tokens.shape
-    f_clean, f_corr = _bind(metric, backend, mask), _bind(metric, backend, c_mask)
+    f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     L = backend.n_layers
     names = [f"blocks.{layer}.{NODE_HOOKS[nodes]}" for layer in range(L)]
     pos_list = list(range(seq)) if positions is None else [int(p) for p in positions]
