@@ -1,0 +1,240 @@
+"""Edge attribution, edge patching, circuit evaluation (lnfree_interp.circuits) against independent references."""
+
+import pytest
+import torch
+
+import lnfree_interp as L
+from lnfree_interp import Edge, LNFreeError, Node, logit_diff
+from lnfree_interp.circuits import Graph
+
+from .conftest import LOADERS, load
+
+ANSWER, WRONG = [5, 17, 40], 9
+
+
+def _pair(vocab, seq=10, batch=3):
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.randint(0, vocab, (batch, seq), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 2:5] = torch.randint(0, vocab, (batch, 3), generator=gen)
+    return clean, corrupted
+
+
+def _brute_force_edge_count(n_layers, n_heads):
+    """Count writer->reader pairs by walking the residual stream (no closed form)."""
+    count = 0
+    stream = 1  # embed
+    for _layer in range(n_layers):
+        count += 3 * n_heads * stream  # q, k, v of every head read everything written so far
+        stream += n_heads
+        count += stream  # the MLP reads the attention's writes too
+        stream += 1
+    return count + stream  # logits
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 4), (4, 3), (12, 12), (48, 25)])
+def test_edge_count(shape):
+    assert L.n_edges(*shape) == _brute_force_edge_count(*shape) == Graph(*shape).n_edges
+
+
+def test_gpt2_small_has_the_standard_edge_count():
+    assert L.n_edges(12, 12) == 32491
+
+
+def test_labels_round_trip_and_bad_labels():
+    for label in ("embed", "L3H2", "3_mlp_out", "L3H2.q", "L0H1.k", "L2H0.v", "3_mlp_in", "logits"):
+        assert Node.parse(label).label == label
+    e = Edge.parse("L0H1->L1H2.k")
+    assert e.label == "L0H1->L1H2.k" and Edge.parse((e.writer, e.reader)) == e
+    for bad in ("L3H", "mlp", "L1H2.x", "3_attn", "7"):
+        with pytest.raises(LNFreeError, match="Unknown node label"):
+            Node.parse(bad)
+    with pytest.raises(LNFreeError, match="comes after its reader"):
+        Edge.parse("L1H0->L1H2.q")  # a layer's heads write after its attention reads
+    with pytest.raises(LNFreeError, match="comes after its reader"):
+        Edge.parse("1_mlp_out->1_mlp_in")
+    Edge.parse("L1H0->1_mlp_in")  # the attention of layer l comes before its MLP
+    with pytest.raises(LNFreeError, match="from a writer"):
+        Edge.parse("L0H0.q->logits")
+    with pytest.raises(LNFreeError, match="writer->reader"):
+        Edge.parse("L0H0 to logits")
+
+
+@pytest.mark.parametrize("encoding", ["schaeff", "layernorm"])
+def test_eap_logit_edges_exact_and_node_sums_equal_atp(models, encoding):
+    """LN-free: EAP into logits == edge patching (1e-10, float64). Always: sum of a writer's outgoing EAP
+    edges == its attribution-patching node score (1e-10). Other edge classes: error measured, not asserted."""
+    lnfree = encoding != "layernorm"
+    model = L.load_hf(models[encoding], dtype=torch.float64, expect_lnfree=lnfree)
+    clean, corrupted = _pair(models[encoding].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    eap = L.edge_attribution(model, clean, corrupted, metric)
+    ep = L.edge_patching(model, clean, corrupted, metric, progress=False)
+    assert [e.label for e in eap.edges] == [e.label for e in ep.edges] and len(eap.edges) == L.n_edges(2, 4)
+    into_logits = [i for i, e in enumerate(eap.edges) if e.reader.kind == "logits"]
+    err = (eap.values[into_logits] - ep.values[into_logits]).abs().max().item()
+    assert ep.values[into_logits].abs().max() > 1e-3  # the edges matter
+    if lnfree:
+        assert err <= 1e-10
+        assert {e.label for e in eap.exact_edges()} == {eap.edges[i].label for i in into_logits}
+    else:
+        assert err > 1e-6 and not eap.exact_edges()  # the final LayerNorm makes EAP an estimate
+    # node sums: heads through hook_z, MLPs through hook_mlp_out, embed through resid_pre 0
+    nodes = eap.node_scores()
+    for kind, label_of in (("head", lambda lab: lab), ("mlp_out", lambda lab: lab)):
+        atp = L.attribution_patching(model, clean, corrupted, metric, nodes=kind, per_position=False)
+        for i, lab in enumerate(atp.labels):
+            assert abs(nodes[label_of(lab)] - atp.values[i].mean().item()) <= 1e-10
+    atp = L.attribution_patching(model, clean, corrupted, metric, nodes="resid_pre", per_position=False)
+    assert abs(nodes["embed"] - atp.values[atp.labels.index("0_resid_pre")].mean().item()) <= 1e-10
+    # EAP-IG with one step is EAP
+    ig1 = L.edge_attribution(model, clean, corrupted, metric, method="eap-ig", steps=1)
+    assert (ig1.values - eap.values).abs().max() <= 1e-10
+    # per-position scores sum to the position-summed ones
+    pp = L.edge_attribution(model, clean, corrupted, metric, per_position=True)
+    assert (pp.values.sum(1) - eap.values).abs().max() <= 1e-10
+
+
+def test_edge_patching_matches_an_independent_patch(models):
+    """One q edge patched by hand through HF hooks (the reader's input recomputed from the HF model's own
+    modules) equals edge_patching's value."""
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    edge = "L0H2->L1H1.q"
+    got = L.edge_patching(model, clean, corrupted, metric, edges=[edge], progress=False).values[0]
+    blocks = model.transformer.h
+    H, d = 4, 64
+    dh = d // H
+    # writer L0H2's output on each input: z (input of c_proj) head 2 through c_proj's rows
+    zs = {}
+    def grab(name):
+        def hook(mod, args):
+            zs[name] = args[0].detach()
+        return hook
+    def head_out(tokens):
+        h = blocks[0].attn.c_proj.register_forward_pre_hook(grab("z"))
+        with torch.no_grad():
+            model(tokens)
+        h.remove()
+        z = zs["z"][..., 2 * dh:3 * dh]
+        return z @ blocks[0].attn.c_proj.weight[2 * dh:3 * dh]
+    delta = head_out(corrupted) - head_out(clean)
+
+    def patch(mod, args, out):
+        q_new = (args[0] + delta) @ mod.weight[:, :d] + mod.bias[:d]  # ln_1 is the identity LN-free
+        out = out.clone()
+        out[..., 1 * dh:2 * dh] = q_new[..., 1 * dh:2 * dh]
+        return out
+    handle = blocks[1].attn.c_attn.register_forward_hook(patch)
+    with torch.no_grad():
+        patched = model(clean).logits
+    handle.remove()
+    with torch.no_grad():
+        base = model(clean).logits
+    ids = torch.tensor(ANSWER)
+    rows = torch.arange(3)
+    md = lambda lg: lg[rows, -1, ids] - lg[rows, -1, WRONG]  # noqa: E731
+    assert (got - (md(patched) - md(base))).abs().max() <= 1e-10
+    assert got.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("encoding", ["schaeff", "layernorm"])
+@pytest.mark.parametrize("ablation", ["corrupted", "mean"])
+def test_full_and_empty_circuits(models, encoding, ablation):
+    """The full graph gives the clean metric; the empty graph the corrupted one (float64, 1e-10)."""
+    lnfree = encoding != "layernorm"
+    model = L.load_hf(models[encoding], dtype=torch.float64, expect_lnfree=lnfree)
+    clean, corrupted = _pair(models[encoding].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    graph = Graph(2, 4)
+    full = L.evaluate_circuit(model, graph.edges, clean, corrupted, metric, ablation=ablation)
+    empty = L.evaluate_circuit(model, [], clean, corrupted, metric, ablation=ablation)
+    assert (full["metric"] - full["metric_clean"]).abs().max() <= 1e-10
+    assert abs(full["faithfulness"] - 1) <= 1e-10 and abs(empty["faithfulness"]) <= 1e-10
+    if ablation == "corrupted":
+        with torch.no_grad():
+            c_logits = model(corrupted).logits
+        rows = torch.arange(3)
+        m_corr = c_logits[rows, -1, torch.tensor(ANSWER)] - c_logits[rows, -1, WRONG]
+        assert (empty["metric"] - m_corr).abs().max() <= 1e-10
+    else:  # every reader's input is the mean of its writers: a hand rebuild of layer 0's MLP input
+        assert (empty["metric"] - empty["metric_corrupted"]).abs().max() <= 1e-10
+    # a circuit in between lies in between on a curve, and curves batch circuits
+    eap = L.edge_attribution(model, clean, corrupted, metric)
+    curve = L.faithfulness_curve(model, (eap, [0, 10, graph.n_edges]), clean, corrupted, metric,
+                                 ablation=ablation, progress=False)
+    assert curve["n_edges"] == [0, 10, graph.n_edges]
+    assert abs(curve["faithfulness"][0]) <= 1e-10 and abs(curve["faithfulness"][-1] - 1) <= 1e-10
+    one = L.evaluate_circuit(model, eap.top_edges(10), clean, corrupted, metric, ablation=ablation)
+    assert (one["metric"] - curve["metrics"][1]).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_every_backend_gives_the_same_scores(models, loader):
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    ref = L.edge_attribution(L.load_hf(models["schaeff"], dtype=torch.float64), clean, corrupted, metric)
+    model = load(loader, models["schaeff"], dtype=torch.float64)
+    got = L.edge_attribution(model, clean, corrupted, metric)
+    assert (got.values - ref.values).abs().max() <= 1e-10
+    circuit = ref.top_edges(8)
+    a = L.evaluate_circuit(model, circuit, clean, corrupted, metric)["metric"]
+    b = L.evaluate_circuit(L.load_hf(models["schaeff"], dtype=torch.float64), circuit, clean, corrupted, metric)
+    assert (a - b["metric"]).abs().max() <= 1e-10
+    few = [e.label for e in circuit[:3]]
+    ep = L.edge_patching(model, clean, corrupted, metric, edges=few, progress=False)
+    ep_ref = L.edge_patching(L.load_hf(models["schaeff"], dtype=torch.float64), clean, corrupted, metric, edges=few,
+                             progress=False)
+    assert (ep.values - ep_ref.values).abs().max() <= 1e-10
+
+
+def test_result_tables_and_figures(models, tmp_path):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    eap = L.edge_attribution(model, clean, corrupted, logit_diff(ANSWER, WRONG))
+    df = eap.to_dataframe()
+    assert len(df) == L.n_edges(2, 4) and set(df["reader_kind"]) == {"q", "k", "v", "mlp_in", "logits"}
+    top = eap.top(5)
+    assert list(top["abs_mean"]) == sorted(df["abs_mean"], reverse=True)[:5]
+    assert eap[top["edge"][0]].shape == (3,)
+    files = eap.save(tmp_path / "edges", k=20)
+    assert all(f.exists() and f.stat().st_size > 1000 for f in files)
+    assert "cdn" not in files[1].read_text()[:5000].lower()
+
+
+def test_bad_input(models):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    with pytest.raises(LNFreeError, match="steps"):
+        L.edge_attribution(model, clean, corrupted, metric, method="eap-ig", steps=0)
+    with pytest.raises(LNFreeError, match="method"):
+        L.edge_attribution(model, clean, corrupted, metric, method="acdc")
+    with pytest.raises(LNFreeError, match="different shapes"):
+        L.edge_attribution(model, clean, corrupted[:, :-1], metric)
+    with pytest.raises(LNFreeError, match="one scalar per prompt"):
+        L.edge_attribution(model, clean, corrupted, lambda logits: logits.sum())
+    with pytest.raises(LNFreeError, match="Unknown node label"):
+        L.edge_patching(model, clean, corrupted, metric, edges=["L0X1->logits"])
+    with pytest.raises(LNFreeError, match="another model"):
+        L.evaluate_circuit(model, ["L5H0->logits"], clean, corrupted, metric)  # a 2-layer model has no layer 5
+    with pytest.raises(LNFreeError, match="comes after"):
+        L.evaluate_circuit(model, ["1_mlp_out->L1H0.k"], clean, corrupted, metric)
+    with pytest.raises(LNFreeError, match="ablation"):
+        L.evaluate_circuit(model, [], clean, corrupted, metric, ablation="zero")
+    with pytest.raises(LNFreeError, match="batch_size"):
+        L.edge_patching(model, clean, corrupted, metric, batch_size=0)
+    # hooks removed and flags untouched after an exception inside the forward pass
+    model.train()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    def boom(logits):
+        raise RuntimeError("metric failed")
+    with pytest.raises(RuntimeError, match="metric failed"):
+        L.edge_attribution(model, clean, corrupted, boom)
+    assert model.training and all(m.training for m in model.modules())
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
