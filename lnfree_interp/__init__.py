@@ -14,6 +14,9 @@ TransformerLens and nnsight are imported only when a function needs them.
 
 __version__ = "0.1.0"
 
+from .analyses import (CalibrationReport, DivergenceReport, NeuronAblation, SinkReport, attention_sinks, calibration,
+                       entropy_neuron_scores, expected_calibration_error, neuron_ablation, null_space, output_divergence,
+                       residual_norms)
 from .checkpoints import CheckpointInfo, KnownCheckpoint, inspect_checkpoint, list_checkpoints
 from .dla import compare_dla_direct_effect, direct_effect, direct_logit_attribution
 from .errors import LNFreeError
@@ -24,6 +27,7 @@ from .loaders import Verification, load_hf, load_hooked, load_nnsight, load_unif
 from .metrics import logit_diff, logprob
 from .patching import activation_patching, attribution_patching, compare_attribution
 from .removal import FakeLayerNorm, RemovalSchedule, remove_layernorm, save_lnfree
+from .report import ModelComparison, compare_models
 from .results import AttributionResult, Comparison
 
 __all__ = [
@@ -37,4 +41,8 @@ __all__ = [
     "AttributionResult", "Comparison", "ioi_prompts", "IOIPrompts",
     # models
     "evaluate_loss", "LossReport", "remove_layernorm", "save_lnfree", "FakeLayerNorm", "RemovalSchedule",
+    # the paper's other findings (lnfree_interp.analyses) and the comparison report
+    "entropy_neuron_scores", "neuron_ablation", "null_space", "NeuronAblation", "attention_sinks", "SinkReport",
+    "residual_norms", "calibration", "CalibrationReport", "expected_calibration_error", "output_divergence",
+    "DivergenceReport", "compare_models", "ModelComparison",
 ]

@@ -1,0 +1,23 @@
+"""The paper's interpretability findings beyond DLA, as functions (arXiv 2507.02559, section 5).
+
+One module per capability, each working on every backend through the seam
+(:func:`lnfree_interp.backends.get_backend`):
+
+* :mod:`.entropy_neurons` - entropy-neuron scores from the unembedding's null space, mean ablation;
+* :mod:`.sinks` - attention-sink rate and first-token residual norms;
+* :mod:`.calibration` - expected calibration error, entropy, JSD / KL between two models;
+* :mod:`.windows` - the token windows of a text that all of them use.
+"""
+
+from .calibration import (CalibrationReport, DivergenceReport, calibration, check_same_vocabulary,
+                          expected_calibration_error, output_divergence)
+from .entropy_neurons import (NeuronAblation, entropy_neuron_scores, neuron_ablation, null_space,
+                              unembedding_spectrum)
+from .sinks import SinkReport, attention_sinks, residual_norms
+from .windows import token_windows
+
+__all__ = [
+    "CalibrationReport", "DivergenceReport", "calibration", "check_same_vocabulary", "expected_calibration_error",
+    "output_divergence", "NeuronAblation", "entropy_neuron_scores", "neuron_ablation", "null_space",
+    "unembedding_spectrum", "SinkReport", "attention_sinks", "residual_norms", "token_windows",
+]
