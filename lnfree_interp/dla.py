@@ -101,7 +101,7 @@ class _Components:
 
 
 def _components(backend: Backend, by: str, layers: list[int], acts: dict[str, Tensor],
-                sums: bool = False, count: int = 1) -> _Components:
+                sums: bool = False, count: int = 1, fold_value_bias: bool = False) -> _Components:
     """Assemble the components from captured activations (``sums=True``: from token sums / count)."""
     w = backend.weights()
     get = (lambda n: acts[n] / count) if sums else (lambda n: acts[n])
@@ -112,9 +112,13 @@ def _components(backend: Backend, by: str, layers: list[int], acts: dict[str, Te
     for layer in range(backend.n_layers):
         if by == "head":
             z = get(f"blocks.{layer}.attn.hook_z")  # [B, H, dh]
+            b_O = w.b_O[layer]
+            if fold_value_bias:  # TL's fold_value_biases: softmax rows sum to 1, so b_V passes through whole
+                z = z - w.b_V[layer]
+                b_O = b_O + torch.einsum("hk,hkd->d", w.b_V[layer], w.W_O[layer])
             heads = torch.einsum("...hk,hkd->h...d", z, w.W_O[layer])
             labels += [f"L{layer}H{h}" for h in range(backend.n_heads)] + [f"{layer}_attn_bias"]
-            vecs += list(heads) + [w.b_O[layer].expand(*lead, -1)]
+            vecs += list(heads) + [b_O.expand(*lead, -1)]
         else:
             labels.append(f"{layer}_attn_out")
             vecs.append(get(f"blocks.{layer}.hook_attn_out"))
@@ -181,88 +185,122 @@ def _top_k(labels: list[str], values: list[Tensor], k: int | None, comp: _Compon
     return out_labels, out_values
 
 
-def _setup(model: Any, inputs: Any, answer: Any, wrong: Any, pos: Any, attention_mask: Any, by: str,
-           layers: Any):
-    backend = get_backend(model)
-    if by not in ("head", "layer", "neuron"):
-        raise LNFreeError(f"by={by!r}: use 'head', 'layer' or 'neuron'.")
-    tokens, mask = prepare(backend, inputs, attention_mask)
-    batch = tokens.shape[0]
-    pos_idx = positions(pos, mask)
-    answer_ids = token_ids(backend, answer, batch, "answer")
-    wrong_ids = None if wrong is None else token_ids(backend, wrong, batch, "wrong")
-    all_layers = list(range(backend.n_layers))
-    layers = all_layers if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
-    if any(x not in all_layers for x in layers):
-        raise LNFreeError(f"layers={layers}: the model has layers 0..{backend.n_layers - 1}.")
-    w = backend.weights()
-    direction = w.W_U[:, answer_ids].T  # [B, d]
-    bias = w.b_U[answer_ids]
-    if wrong_ids is not None:
-        direction = direction - w.W_U[:, wrong_ids].T
-        bias = bias - w.b_U[wrong_ids]
-    return backend, tokens, mask, pos_idx, answer_ids, wrong_ids, layers, direction, bias
+@dataclass
+class _Request:
+    """One attribution request, validated: the model's backend, the token batch and the metric direction."""
+
+    backend: Backend
+    tokens: Tensor
+    mask: Tensor
+    pos: Tensor  #: [B] absolute positions
+    pos_spec: Any  #: ``pos`` as given (resolved again for corrupted prompts)
+    answer: Tensor  #: [B]
+    wrong: Tensor | None
+    by: str
+    layers: list[int]
+    top_k: int | None
+    value_bias: str
+    direction: Tensor  #: [B, d] W_U[:, answer] - W_U[:, wrong]
+    bias: Tensor  #: [B] b_U[answer] - b_U[wrong]
+    lnfree: bool  #: ln_final is the identity: the direct path is linear
+
+    @classmethod
+    def build(cls, model: Any, inputs: Any, answer: Any, wrong: Any, *, pos: Any, attention_mask: Any, by: str,
+              layers: Any, top_k: Any, value_bias: str = "head") -> _Request:
+        backend = get_backend(model)
+        if by not in ("head", "layer", "neuron"):
+            raise LNFreeError(f"by={by!r}: use 'head', 'layer' or 'neuron'.")
+        if by != "neuron" and (top_k is not None or layers is not None):
+            raise LNFreeError(f"top_k and layers select MLP neurons, so they need by='neuron' (got by={by!r}); "
+                              "for the largest components of any result use result.top(k).")
+        if top_k is not None and int(top_k) < 1:
+            raise LNFreeError(f"top_k={top_k} must be at least 1.")
+        if value_bias not in ("head", "attn_bias"):
+            raise LNFreeError(f"value_bias={value_bias!r}: use 'head' (b_V W_O counted in each head, the default) or "
+                              "'attn_bias' (folded into {l}_attn_bias, TransformerLens's fold_value_biases).")
+        tokens, mask = prepare(backend, inputs, attention_mask)
+        batch = tokens.shape[0]
+        answer_ids = token_ids(backend, answer, batch, "answer")
+        wrong_ids = None if wrong is None else token_ids(backend, wrong, batch, "wrong")
+        all_layers = list(range(backend.n_layers))
+        chosen = all_layers if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
+        if any(x not in all_layers for x in chosen):
+            raise LNFreeError(f"layers={chosen}: the model has layers 0..{backend.n_layers - 1}.")
+        w = backend.weights()
+        direction, bias = w.W_U[:, answer_ids].T, w.b_U[answer_ids]
+        if wrong_ids is not None:
+            direction, bias = direction - w.W_U[:, wrong_ids].T, bias - w.b_U[wrong_ids]
+        return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen, top_k, value_bias,
+                   direction, bias, backend.norms().ln_final.is_identity)
+
+    def capture(self, tokens: Tensor | None = None, mask: Tensor | None = None, sums: bool = False) -> _Capture:
+        """The forward pass on the clean batch (or ``tokens``/``mask``: corrupted prompts)."""
+        names = _hook_names(self.backend, self.by, self.layers)
+        if tokens is None:
+            return _capture(self.backend, self.tokens, self.mask, self.pos, names, self.answer, self.wrong, sums)
+        return _capture(self.backend, tokens, mask, positions(self.pos_spec, mask), names, self.answer, self.wrong)
+
+    def components(self, acts: dict[str, Tensor], sums: bool = False, count: int = 1) -> _Components:
+        return _components(self.backend, self.by, self.layers, acts, sums, count, self.value_bias == "attn_bias")
+
+    def result(self, comp: _Components, cap: _Capture, values: Tensor, **kwargs: Any) -> AttributionResult:
+        labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
+        labels, (values,) = _top_k(labels, [values], self.top_k, comp)
+        extra = {"backend": self.backend.name, "value_bias": self.value_bias, **kwargs.pop("extra", {})}
+        return AttributionResult(values=values, labels=labels, metric=cap.metric, n_layers=self.backend.n_layers,
+                                 n_heads=self.backend.n_heads, extra=extra, **kwargs)
 
 
-def _attribute(*args, **kwargs):
-    with torch.no_grad():
-        return _attribute_impl(*args, **kwargs)
+@torch.no_grad()
+def _dla_values(req: _Request) -> tuple[_Components, _Capture, Tensor]:
+    """DLA: each component's write dotted with the answer direction, divided by the final LN scale."""
+    cap = req.capture()
+    comp = req.components(cap.acts)
+    r = cap.acts[f"blocks.{req.backend.n_layers - 1}.hook_resid_post"]
+    u0 = req.direction if req.lnfree else req.direction - req.direction.mean(-1, keepdim=True)
+    a, _, _ = _dots(comp, None, u0, None)
+    return comp, cap, a / req.backend.final_scale(r)[:, 0]  # scale: ones when LN-free
 
 
-def _attribute_impl(model, inputs, answer, wrong, pos, attention_mask, by, layers, top_k, ablation, want_dla):
-    if by != "neuron" and (top_k is not None or layers is not None):
-        raise LNFreeError(f"top_k and layers select MLP neurons, so they need by='neuron' (got by={by!r}); "
-                          "for the largest components of any result use result.top(k).")
-    if top_k is not None and int(top_k) < 1:
-        raise LNFreeError(f"top_k={top_k} must be at least 1.")
-    backend, tokens, mask, pos_idx, a_ids, w_ids, layers, direction, bias = _setup(
-        model, inputs, answer, wrong, pos, attention_mask, by, layers)
-    names = _hook_names(backend, by, layers)
-    lnfree = backend.norms().ln_final.is_identity  # the direct path is linear iff ln_final is the identity
-    mode = ablation if isinstance(ablation, str) and ablation in ("zero", "mean") else "corrupted"
-    cap = _capture(backend, tokens, mask, pos_idx, names, a_ids, w_ids, sums=(mode == "mean"))
-    comp = _components(backend, by, layers, cap.acts)
-    r = cap.acts[names[2]]
-    centred_r = None if lnfree else r - r.mean(-1, keepdim=True)
-    u0 = direction if lnfree else direction - direction.mean(-1, keepdim=True)
-    d_model = r.shape[-1]
-    if want_dla:
-        a, _, _ = _dots(comp, None, u0, None)
-        scale = backend.final_scale(r)[:, 0]  # [B], ones when LN-free
-        values = a / scale
-        return backend, comp, cap, [values], bias
+@torch.no_grad()
+def _direct_effect_values(req: _Request, ablation: Any) -> tuple[_Components, _Capture, Tensor]:
+    """Path patching into the final residual: ``metric(r) - metric(r - du_c)`` per component."""
+    mode = ablation if isinstance(ablation, str) else "corrupted"
+    cap = req.capture(sums=mode == "mean")
+    comp = req.components(cap.acts)
+    r = cap.acts[f"blocks.{req.backend.n_layers - 1}.hook_resid_post"]
     delta = None
     if mode == "mean":
-        delta = _components(backend, by, layers, cap.sums, sums=True, count=cap.n_tokens)
+        delta = req.components(cap.sums, sums=True, count=cap.n_tokens)
         delta.vectors = delta.vectors[:, None].expand(-1, r.shape[0], -1)
         delta.neuron_acts = [x.expand(r.shape[0], -1) for x in delta.neuron_acts]
     elif mode == "corrupted":
-        c_tokens, c_mask = prepare(backend, ablation)
-        if c_tokens.shape[0] != tokens.shape[0]:
-            raise LNFreeError(f"ablation inputs have {c_tokens.shape[0]} prompts, the clean inputs {tokens.shape[0]}.")
-        c_cap = _capture(backend, c_tokens, c_mask, positions(pos, c_mask), names, a_ids, w_ids)
-        delta = _components(backend, by, layers, c_cap.acts)
-
-    eps = backend.norms().ln_final.eps
+        c_tokens, c_mask = prepare(req.backend, ablation)
+        if c_tokens.shape[0] != req.tokens.shape[0]:
+            raise LNFreeError(f"ablation inputs have {c_tokens.shape[0]} prompts, the clean inputs "
+                              f"{req.tokens.shape[0]}.")
+        delta = req.components(req.capture(c_tokens, c_mask).acts)
+    eps, direction = req.backend.norms().ln_final.eps, req.direction
 
     def metric_of(x: Tensor) -> Tensor:  # final residual(s) [..., B, d] -> metric (bias term cancels)
-        if lnfree:
+        if req.lnfree:
             return (x * direction).sum(-1)
         cx = x - x.mean(-1, keepdim=True)
         return (cx * direction).sum(-1) / (cx.pow(2).mean(-1) + eps).sqrt()
 
-    # path patching: the patched final residual r - du, re-normalised (LN) and unembedded
     before = metric_of(r)
     du = comp.vectors if delta is None else comp.vectors - delta.vectors
     values = [before - metric_of(r[None] - du)]
     if comp.neuron_acts:  # per neuron the same, from dot products (no [neurons, batch, d_model] stack)
+        centred_r = None if req.lnfree else r - r.mean(-1, keepdim=True)
+        u0 = direction if req.lnfree else direction - direction.mean(-1, keepdim=True)
         a, b, c = _dots(comp, delta, u0, centred_r, vectors=False)
-        if lnfree:
-            values.append(before - (before - a))
+        if req.lnfree:
+            values.append(a)
         else:
-            cr_u, cr2 = (centred_r * u0).sum(-1), centred_r.pow(2).sum(-1)
-            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / d_model + eps).sqrt())
-    return backend, comp, cap, [torch.cat(values, 0)], None
+            cr_u, cr2 = (centred_r * u0).sum(-1), centred_r.pow(2).sum(-1)  # type: ignore[operator]
+            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / r.shape[-1] + eps).sqrt())
+    return comp, cap, torch.cat(values, 0)
 
 
 def direct_logit_attribution(
@@ -276,6 +314,7 @@ def direct_logit_attribution(
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     layers: int | list[int] | None = None,
     top_k: int | None = None,
+    value_bias: Literal["head", "attn_bias"] = "head",
 ) -> AttributionResult:
     """Direct logit attribution of ``logit[answer] - logit[wrong]`` (or ``logit[answer]``) to every
     component's write to the residual stream.
@@ -301,6 +340,10 @@ def direct_logit_attribution(
         layers: neuron mode: the layers to split into neurons (default all).
         top_k: neuron mode: keep the ``top_k`` neurons with the largest mean |value|; the others are
             summed per layer into ``{l}_mlp_rest`` so totals stay exact.
+        value_bias: per-head convention for the value bias ``b_V``: ``"head"`` (default) counts
+            ``b_V[h] W_O[h]`` in head ``h`` (it is part of what the head writes); ``"attn_bias"`` moves it
+            into ``{l}_attn_bias`` as TransformerLens's ``from_pretrained(fold_value_biases=True)`` does,
+            so per-head numbers match a TL user's. Totals are the same either way.
 
     Returns:
         :class:`AttributionResult` with ``values [component, batch]`` in logits, ``labels``,
@@ -313,14 +356,11 @@ def direct_logit_attribution(
         LNFreeError: multi-token answer strings (naming the split), ids outside the vocabulary,
             ``pos`` outside a prompt, mismatched batch sizes, empty inputs, unsupported models.
     """
-    backend, comp, cap, (values,), bias = _attribute(model, inputs, answer, wrong, pos, attention_mask, by,
-                                                     layers, top_k, "zero", want_dla=True)
-    labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
-    labels, (values,) = _top_k(labels, [values], top_k, comp)
-    lnfree = backend.norms().ln_final.is_identity
-    return AttributionResult(values=values, labels=labels, metric=cap.metric, kind="dla", bias=bias,
-                             n_layers=backend.n_layers, n_heads=backend.n_heads, exact=lnfree,
-                             note="" if lnfree else LN_NOTE, extra={"backend": backend.name})
+    req = _Request.build(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask, by=by, layers=layers,
+                         top_k=top_k, value_bias=value_bias)
+    comp, cap, values = _dla_values(req)
+    return req.result(comp, cap, values, kind="dla", bias=req.bias, exact=req.lnfree,
+                      note="" if req.lnfree else LN_NOTE)
 
 
 def direct_effect(
@@ -335,6 +375,7 @@ def direct_effect(
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     layers: int | list[int] | None = None,
     top_k: int | None = None,
+    value_bias: Literal["head", "attn_bias"] = "head",
 ) -> AttributionResult:
     """The true direct effect of each component on the metric, by path patching into the final
     residual stream.
@@ -355,6 +396,7 @@ def direct_effect(
         attention_mask: as in :func:`direct_logit_attribution`.
         layers: as in :func:`direct_logit_attribution`.
         top_k: as in :func:`direct_logit_attribution`.
+        value_bias: as in :func:`direct_logit_attribution`.
         components: ``"head"``, ``"layer"`` or ``"neuron"`` (the same rows as DLA's ``by``).
         ablation: ``"zero"`` (remove the component's write), ``"mean"`` (replace it by its mean over
             every real token of ``inputs``), or corrupted inputs (a list of strings, or token ids
@@ -372,15 +414,12 @@ def direct_effect(
     if ablation is None or (isinstance(ablation, str) and ablation not in ("zero", "mean")):
         raise LNFreeError(f"ablation={ablation!r} is not 'zero' or 'mean'. For corrupted inputs pass a list of "
                           "strings or token ids [batch, pos] (one corrupted prompt: a one-element list).")
-    backend, comp, cap, (values,), _ = _attribute(model, inputs, answer, wrong, pos, attention_mask, components,
-                                                  layers, top_k, ablation, want_dla=False)
-    labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
-    labels, (values,) = _top_k(labels, [values], top_k, comp)
-    kind = ablation if isinstance(ablation, str) and ablation in ("zero", "mean") else "corrupted"
-    return AttributionResult(values=values, labels=labels, metric=cap.metric, kind="direct_effect",
-                             n_layers=backend.n_layers, n_heads=backend.n_heads, exact=True,
-                             note=f"{kind} ablation in the final residual stream only",
-                             extra={"backend": backend.name, "ablation": kind})
+    req = _Request.build(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask, by=components,
+                         layers=layers, top_k=top_k, value_bias=value_bias)
+    comp, cap, values = _direct_effect_values(req, ablation)
+    kind = ablation if isinstance(ablation, str) else "corrupted"
+    return req.result(comp, cap, values, kind="direct_effect", exact=True,
+                      note=f"{kind} ablation in the final residual stream only", extra={"ablation": kind})
 
 
 def compare_dla_direct_effect(

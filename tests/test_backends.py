@@ -60,3 +60,66 @@ def test_frameworks_are_imported_lazily():
             "print(any(m.startswith(('transformer_lens', 'nnsight')) for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_reader_hooks_weights_and_norms_match_hf(loader, models):
+    """hook_q/k/v/pattern and the q/k/v/MLP-in weight views agree with a hand computation on the HF model."""
+    for encoding in ("schaeff", "layernorm"):
+        lnfree = encoding != "layernorm"
+        backend = get_backend(load(loader, models[encoding], dtype=torch.float64, expect_lnfree=lnfree))
+        norms = backend.norms()
+        assert norms.lnfree == lnfree and backend.lnfree == lnfree
+        assert all(s.kind == ("identity" if lnfree else "layernorm") for s in (*norms.ln1, *norms.ln2, norms.ln_final))
+        w = backend.weights()
+        tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+        names = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
+                 "blocks.1.attn.hook_v", "blocks.1.attn.hook_pattern", "blocks.1.mlp.hook_pre"]
+        acts = backend.run(tokens, None, capture=names).acts
+        x = norms.ln1[1](acts["blocks.1.hook_resid_pre"])
+        for kind, W, b in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
+            hand = torch.einsum("bpd,hdk->bphk", x, W[1]) + b[1]
+            assert (hand - acts[f"blocks.1.attn.hook_{kind}"]).abs().max() <= 1e-10, kind
+        q, k = acts["blocks.1.attn.hook_q"], acts["blocks.1.attn.hook_k"]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
+        scores = scores.masked_fill(torch.ones(7, 7).triu(1).bool(), float("-inf"))
+        assert (scores.softmax(-1) - acts["blocks.1.attn.hook_pattern"]).abs().max() <= 1e-10
+        pre = norms.ln2[1](acts["blocks.1.hook_resid_mid"]) @ w.W_in[1] + w.b_in[1]
+        assert (pre - acts["blocks.1.mlp.hook_pre"]).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_patching_q_through_the_seam_changes_the_output(loader, models):
+    backend = get_backend(load(loader, models["schaeff"], dtype=torch.float64))
+    tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+    base = backend.run(tokens, None).logits
+    patched = backend.run(tokens, None, hooks={"blocks.1.attn.hook_q": lambda q: q * 0}).logits
+    assert (patched - base).abs().max() > 1e-3
+    again = backend.run(tokens, None).logits  # hooks gone
+    assert torch.equal(again, base)
+
+
+def test_config_that_disagrees_with_the_modules_is_refused(models):
+    """A TL model whose cfg says LayerNorm while its LN modules compute the identity (or the reverse) is refused:
+    DLA must not apply a final-LN scale the model does not apply."""
+    model = L.load_hooked(models["schaeff"])
+    model.cfg.normalization_type = "LNPre"
+    with pytest.raises(LNFreeError, match="disagree"):
+        L.direct_logit_attribution(model, torch.tensor([[1, 2, 3]]), 3)
+
+
+def test_bridge_identity_layernorm_hooks_take_effect(models):
+    """On an LN-free TransformerBridge, editing ln hook_scale / hook_normalized changes the output as on a model
+    with a LayerNorm (TL's bridge fires them for an identity LN but ignored edits)."""
+    model = L.load_hooked(models["schaeff"], dtype=torch.float64, backend="bridge")
+    backend = get_backend(model)
+    tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+    w = backend.weights()
+    resid = backend.run(tokens, None, capture=["blocks.1.hook_resid_post"]).acts["blocks.1.hook_resid_post"]
+    for name, fn in (("ln_final.hook_scale", lambda a, hook: a * 2), ("ln_final.hook_normalized", lambda a, hook: a / 2)):
+        with model.hooks(fwd_hooks=[(name, fn)]):
+            logits = model(tokens).detach()
+        assert (logits - ((resid / 2) @ w.W_U + w.b_U)).abs().max() <= 1e-10, name
+    with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_normalized", lambda a, hook: a * 0)]):
+        zeroed = model(tokens).detach()
+    assert (zeroed - model(tokens).detach()).abs().max() > 1e-3

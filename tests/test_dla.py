@@ -213,19 +213,19 @@ def test_result_object(models, tmp_path):
     assert list(top.columns) == ["component", "mean", "std"] and len(top) == 3
     assert abs(top["mean"].iloc[0]) == dla.mean().abs().max().item()
     fig = dla.plot()
-    assert fig.data[0].type == "heatmap" and fig.data[0].z.shape == (2, 4)
+    assert fig.data[0].type == "heatmap" and fig.data[0].z.shape == (2, 6)  # H0-H3, attn bias, MLP
     import matplotlib
 
     backend = matplotlib.get_backend()
     matplotlib.use("svg")  # a user's backend (a notebook's inline one): save() must not switch it
     try:
-        png, html = dla.save(tmp_path / "dla")
+        png, html = dla.save(tmp_path / "dla", html=True)
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(backend)
     assert png.stat().st_size > 1000 and html.stat().st_size > 1000
-    assert (tmp_path / "plotly.min.js").stat().st_size > 100_000  # the HTML opens offline
-    assert 'src="plotly.min.js"' in html.read_text() and "cdn.plot.ly" not in html.read_text()
+    assert not (tmp_path / "plotly.min.js").exists()  # the HTML is self-contained: opens offline on its own
+    assert "<script src=" not in html.read_text() and "cdn.plot.ly" not in html.read_text()
     with pytest.raises(LNFreeError, match="k="):
         dla.top(0)
     assert "kind='dla'" in repr(dla) and top["component"].iloc[0] in repr(dla)
@@ -298,3 +298,63 @@ def test_assert_exact_tolerance_scales_with_the_summands_not_the_metric():
                               bias=bias, exact=True)
     with pytest.raises(LNFreeError, match="summands"):
         off.assert_exact()
+
+
+def test_value_bias_convention_matches_transformerlens_fold(models):
+    """value_bias='attn_bias' gives each head (pattern @ x W_V) W_O with b_V folded into the attention bias,
+    as TransformerLens's fold_value_biases: checked against a hand computation from the HF model (float64)."""
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    tokens = _tokens(models["schaeff"].config.vocab_size)
+    ours = L.direct_logit_attribution(model, tokens, 3, 7)
+    tl_style = L.direct_logit_attribution(model, tokens, 3, 7, value_bias="attn_bias")
+    assert (ours.total() - tl_style.total()).abs().max() <= 1e-10  # totals agree
+    H, d = 4, 64
+    dh = d // H
+    hidden, pattern = {}, {}
+    blocks = model.transformer.h
+    hs = [blocks[1].ln_1.register_forward_pre_hook(lambda m, a: hidden.__setitem__("x", a[0]))]
+    with torch.no_grad():
+        model.config._attn_implementation = "eager"  # sdpa returns no attention weights
+        out = model(tokens, output_attentions=True)
+        model.config._attn_implementation = "sdpa"
+    for h in hs:
+        h.remove()
+    att = out.attentions[1][:, :, -1]  # [B, H, key] at the last position
+    W = blocks[1].attn.c_attn.weight[:, 2 * d:]  # W_V, [d, H*dh]
+    v = hidden["x"] @ W  # no bias
+    W_U = model.lm_head.weight
+    u = W_U[3] - W_U[7]
+    largest = float(max(abs(x) for x in ours.mean().tolist()))
+    for h in range(H):
+        z = torch.einsum("bk,bkc->bc", att[:, h], v[..., h * dh:(h + 1) * dh])
+        head = z @ blocks[1].attn.c_proj.weight[h * dh:(h + 1) * dh] @ u
+        assert (tl_style[f"L1H{h}"] - head).abs().max() <= 1e-10 * max(largest, 1)
+    assert (ours["L1H0"] - tl_style["L1H0"]).abs().max() > 1e-8  # the conventions really differ here
+    with pytest.raises(LNFreeError, match="value_bias"):
+        L.direct_logit_attribution(model, tokens, 3, 7, value_bias="tl")
+
+
+def test_concurrent_calls_on_one_model_are_serialised(models):
+    """Four threads running DLA on one model get the same numbers as one thread (runs hold a per-model lock)."""
+    import threading
+
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    vocab = models["schaeff"].config.vocab_size
+    inputs = [torch.randint(0, vocab, (3, 6 + i), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [L.direct_logit_attribution(model, x, 3, 7).values for x in inputs]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                got[i] = L.direct_logit_attribution(model, inputs[i], 3, 7).values
+                assert torch.equal(got[i], expected[i])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(torch.equal(got[i], expected[i]) for i in range(4))

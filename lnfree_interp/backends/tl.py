@@ -239,7 +239,31 @@ def build_bridge(hf_model: nn.Module, *, lnfree: bool, tokenizer: Any, prepend_b
         bridge = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=hf_model.config, tokenizer=tok,
                                           post_adapter_hook=configure, model_name=model_name)
     bridge.cfg.default_prepend_bos = prepend_bos
+    _live_identity_norm_hooks(bridge)
     return _tokenizer_bos_as_cfg(bridge.eval(), prepend_bos)
+
+
+def _live_identity_norm_hooks(bridge: Any) -> None:
+    """Make a removed LayerNorm's ``hook_scale`` / ``hook_normalized`` edits take effect on a bridge.
+
+    TL's ``NormalizationBridge`` fires both hooks for an identity module but returns its input
+    unchanged, ignoring edits (a freeze-the-scale experiment would silently do nothing). Here an
+    identity LN computes ``hook_normalized(x / hook_scale(1))``: ``x`` itself (a fresh tensor, so an
+    in-place edit of its output never reaches the residual stream) unless a hook edits the scale or
+    the normalised value.
+    """
+    import types
+
+    import torch
+    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+
+    def identity_forward(self: Any, x: Tensor) -> Tensor:
+        scale = self.hook_scale(torch.ones_like(x[..., :1]))
+        return self.hook_normalized(x / scale)
+
+    for module in bridge.modules():
+        if isinstance(module, NormalizationBridge) and isinstance(module.original_component, nn.Identity):
+            module._hf_autograd_forward_with_hooks = types.MethodType(identity_forward, module)
 
 
 def _tokenizer_bos_as_cfg(model: Any, prepend_bos: bool) -> Any:
