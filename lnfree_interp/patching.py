@@ -26,6 +26,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .backends import Backend, check_metric, get_backend
+from .edge_results import EdgeResult
 from .errors import LNFreeError
 from .inputs import pair_inputs
 from .metrics import bind_metric
@@ -332,9 +333,15 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
         LNFreeError: the arguments swapped, or results that do not describe the same patches: other
             nodes, shapes or positions, or other clean / corrupted metrics (another model, other
             inputs or another metric).
+
+    Edge results work the same way: ``compare_attribution(edge_attribution(...), edge_patching(...))``
+    gives the agreement per reader kind (``logits``, ``q``, ``k``, ``v``, ``mlp_in``) in
+    ``per_component``.
     """
     import pandas as pd
 
+    if isinstance(atp_result, EdgeResult) or isinstance(act_result, EdgeResult):
+        return _compare_edges(atp_result, act_result, n_boot, seed)
     _check_same_run(atp_result, act_result)
     a = atp_result.values.detach().double().cpu()
     b = act_result.values.detach().double().cpu()
@@ -354,3 +361,43 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
         stats=_stats(flat_a, flat_b, scale.flatten()), a=flat_a, b=flat_b, layers=per_el_layers,
         names=("attribution patching", "activation patching"),
         title=f"AtP vs activation patching ({atp_result.extra.get('nodes')})")
+
+
+def _compare_edges(est: Any, truth: Any, n_boot: int, seed: int) -> Comparison:
+    """:func:`compare_attribution` for edge results: EAP / EAP-IG against edge patching, per reader kind."""
+    import pandas as pd
+
+    if not (isinstance(est, EdgeResult) and isinstance(truth, EdgeResult)) or est.kind not in ("eap", "eap-ig") \
+            or truth.kind != "edge_patching":
+        raise LNFreeError("compare_attribution(edge_attribution(...), edge_patching(...)) takes the EAP / EAP-IG "
+                          f"result first and the edge-patching result second; got {getattr(est, 'kind', est)!r}, "
+                          f"{getattr(truth, 'kind', truth)!r}.")
+    if est.positions is not None:
+        raise LNFreeError("Compare a position-summed edge_attribution (per_position=False) with edge_patching.")
+    index = {e: i for i, e in enumerate(est.edges)}
+    missing = [e.label for e in truth.edges if e not in index]
+    if missing:
+        raise LNFreeError(f"The edge-patching result has edges the attribution lacks ({missing[:3]}...): another model?")
+    for key in ("metric_clean", "metric_corrupted"):
+        x, y = est.extra[key].detach().double().cpu(), truth.extra[key].detach().double().cpu()
+        if x.shape != y.shape or float((x - y).abs().max()) > 1e-5 * max(float(y.abs().max()), 1.0):
+            raise LNFreeError(f"The two results have different {key.replace('_', ' ')} values: they come from different "
+                              "models, inputs or metrics.")
+    rows_idx = [index[e] for e in truth.edges]
+    a = est.values[rows_idx].detach().double().cpu()
+    b = truth.values.detach().double().cpu()
+    restore = (truth.extra["metric_corrupted"] - truth.extra["metric_clean"]).double().cpu()
+    scale = restore.where(restore.abs() > 1e-12, torch.ones_like(restore)).expand_as(a)
+    kinds = [e.reader.kind for e in truth.edges]
+    rows = []
+    for kind in ("logits", "q", "k", "v", "mlp_in"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if idx:
+            rows.append({"reader": kind, "edges": len(idx), **_stats(a[idx].flatten(), b[idx].flatten(),
+                                                                      scale[idx].flatten())})
+    layers = [e.reader.layer if e.reader.layer is not None else truth.n_layers for e in truth.edges
+              for _ in range(a.shape[1])]
+    return Comparison(nmae=nmae(a.flatten(), b.flatten()), ci=bootstrap_ci(a, b, n_boot, seed),
+                      per_component=pd.DataFrame(rows), stats=_stats(a.flatten(), b.flatten(), scale.flatten()),
+                      a=a.flatten(), b=b.flatten(), layers=layers, names=(est.kind.upper(), "edge patching"),
+                      title=f"{est.kind.upper()} vs edge patching ({len(truth.edges)} edges; per reader kind)")

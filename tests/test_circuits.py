@@ -238,3 +238,19 @@ def test_bad_input(models):
     assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert before == {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_compare_attribution_on_edges(models):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    eap = L.edge_attribution(model, clean, corrupted, metric)
+    ep = L.edge_patching(model, clean, corrupted, metric, progress=False)
+    cmp = L.compare_attribution(eap, ep)
+    per = cmp.per_component.set_index("reader")
+    assert set(per.index) == {"logits", "q", "k", "v", "mlp_in"}
+    assert per.loc["logits", "max_abs_error"] <= 1e-10 and per.loc["logits", "edges"] == 1 + 2 * (4 + 1)
+    idx = [i for i, e in enumerate(ep.edges) if e.reader.kind == "k"]
+    assert per.loc["k", "max_abs_error"] == pytest.approx((eap.values[idx] - ep.values[idx]).abs().max().item())
+    with pytest.raises(LNFreeError, match="first"):
+        L.compare_attribution(ep, eap)
