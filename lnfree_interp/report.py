@@ -229,8 +229,8 @@ def compare_models(
     """
     from . import (activation_patching, attribution_patching, compare_attribution, compare_dla_direct_effect,
                    evaluate_loss, ioi_prompts, logit_diff)
-    from .analyses import (attention_sinks, calibration, check_same_vocabulary, entropy_neuron_scores,
-                           neuron_ablation, output_divergence, residual_norms, unembedding_spectrum)
+    from .analyses import (calibration, check_same_vocabulary, entropy_neuron_scores, first_token_analysis,
+                           neuron_ablation, output_divergence, unembedding_spectrum)
     from .analyses.windows import check_fraction
     from .backends import get_backend
     from .checkpoints import EMBEDDED_DIR
@@ -246,7 +246,7 @@ def compare_models(
         prompts = ioi_prompts(loaded[0], n=8)
     dla_inputs = _prompts_from_text(loaded[0], text, n_dla_prompts, dla_prompt_len, seed=0)
     opts = {"seq_len": seq_len, "max_tokens": max_tokens, "progress": False}
-    steps = ["loss", "calibration", "divergence", "sinks", "norms", "entropy neurons", "DLA vs DE", "AtP"]
+    steps = ["loss", "calibration", "divergence", "sinks and norms", "entropy neurons", "DLA vs DE", "AtP"]
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     total = len(steps) * len(loaded)
@@ -256,7 +256,7 @@ def compare_models(
         for step in steps:
             i += 1
             if progress:
-                print(f"[{i}/{total}] {label}: {step} ...", flush=True)
+                print(f"[{i}/{total}] {label}: {step} ...", end="", flush=True)
             t0 = time.perf_counter()
             if step == "loss":
                 res["loss"] = evaluate_loss(model, text, seq_len=seq_len, max_tokens=max_tokens, progress=False,
@@ -266,10 +266,8 @@ def compare_models(
             elif step == "divergence":
                 res["divergence"] = (None if model is loaded[0] else
                                      output_divergence(loaded[0], model, text, **opts))
-            elif step == "sinks":
-                res["sinks"] = attention_sinks(model, text, threshold=threshold, **opts)
-            elif step == "norms":
-                res["norms"] = residual_norms(model, text, **opts)
+            elif step == "sinks and norms":
+                res["sinks"], res["norms"] = first_token_analysis(model, text, threshold=threshold, **opts)
             elif step == "entropy neurons":
                 res["scores"] = entropy_neuron_scores(model, k_null=k_null)
                 res["spectrum"] = unembedding_spectrum(model)[0].numpy()
@@ -285,6 +283,8 @@ def compare_models(
                                           progress=False)
                 res["atp"] = compare_attribution(atp, act)
             timings[f"{label}: {step}"] = time.perf_counter() - t0
+            if progress:
+                print(f" {timings[f'{label}: {step}']:.1f} s", flush=True)
         results[label] = res
     backend = get_backend(loaded[0])
     settings = {
@@ -300,12 +300,12 @@ def compare_models(
     }
     from .report_figures import make_figures
 
-    timings["total"] = time.perf_counter() - t_start
     table = build_table(labels, results, threshold, n_bins)
+    figures = make_figures(labels, results, threshold)
+    timings["total"] = time.perf_counter() - t_start
     if progress:
         print(f"done in {timings['total']:.0f} s", flush=True)
-    return ModelComparison(table=table, settings=settings, results=results,
-                           figures=make_figures(labels, results, threshold), timings=timings)
+    return ModelComparison(table=table, settings=settings, results=results, figures=figures, timings=timings)
 
 
 def _f(x: float, digits: int = 4) -> str:

@@ -72,7 +72,7 @@ def test_cli_compare_and_readme_block(tmp_path, capsys):
                  "--seq-len", "32", "--n-boot", "20", "--update-readme", str(readme)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert re.search(r"\[\d+/16\] tiny-shakespeare-lnfree: sinks", out)  # progress
+    assert re.search(r"\[\d+/14\] tiny-shakespeare-lnfree: sinks and norms", out)  # progress
     assert (tmp_path / "rep" / "report.html").exists()
     new = readme.read_text()
     assert "\nold\n" not in new and new.endswith("<!-- lnfree-compare:end -->\n\ntail\n")

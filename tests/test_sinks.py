@@ -81,3 +81,17 @@ def test_bad_input():
         attention_sinks(model, "ROMEO:", progress=False)
     with pytest.raises(L.LNFreeError, match="seq_len"):
         residual_norms(model, TEXT, seq_len=1, progress=False)
+
+
+def test_first_token_analysis_is_both_in_one_pass():
+    from lnfree_interp.analyses import first_token_analysis
+
+    model = L.load_hf("tiny-shakespeare-vanilla", expect_lnfree=False)
+    sinks, norms = first_token_analysis(model, TEXT, threshold=0.2, seq_len=32, max_tokens=96, progress=False)
+    alone = attention_sinks(model, TEXT, threshold=0.2, seq_len=32, max_tokens=96, progress=False)
+    assert torch.equal(sinks.first_attention, alone.first_attention) and torch.equal(sinks.sink_rate, alone.sink_rate)
+    import pandas as pd
+
+    # float32: the pattern hooks may switch HF to eager attention, which rounds differently
+    pd.testing.assert_frame_equal(norms, residual_norms(model, TEXT, seq_len=32, max_tokens=96, progress=False),
+                                  rtol=1e-5)

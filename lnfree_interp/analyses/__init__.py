@@ -13,11 +13,11 @@ from .calibration import (CalibrationReport, DivergenceReport, calibration, chec
                           expected_calibration_error, output_divergence)
 from .entropy_neurons import (NeuronAblation, entropy_neuron_scores, neuron_ablation, null_space,
                               unembedding_spectrum)
-from .sinks import SinkReport, attention_sinks, residual_norms
+from .sinks import SinkReport, attention_sinks, first_token_analysis, residual_norms
 from .windows import token_windows
 
 __all__ = [
     "CalibrationReport", "DivergenceReport", "calibration", "check_same_vocabulary", "expected_calibration_error",
     "output_divergence", "NeuronAblation", "entropy_neuron_scores", "neuron_ablation", "null_space",
-    "unembedding_spectrum", "SinkReport", "attention_sinks", "residual_norms", "token_windows",
+    "unembedding_spectrum", "SinkReport", "attention_sinks", "first_token_analysis", "residual_norms", "token_windows",
 ]

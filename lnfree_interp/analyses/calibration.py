@@ -131,7 +131,7 @@ def expected_calibration_error(
     if n_boot > 0:
         gen = torch.Generator().manual_seed(int(seed))
         vals = []
-        chunk = max(1, min(n_boot, 20_000_000 // n))
+        chunk = max(1, min(n_boot, 5_000_000 // n))
         for start in range(0, n_boot, chunk):
             rows = min(chunk, n_boot - start)
             draw = torch.randint(0, n, (rows, n), generator=gen)

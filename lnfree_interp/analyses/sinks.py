@@ -103,31 +103,8 @@ def attention_sinks(
         LNFreeError: ``threshold`` outside (0, 1); a text shorter than one window; a backend without
             attention-pattern hooks.
     """
-    threshold = check_fraction(threshold, "threshold")
-    backend = get_backend(model)
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(backend.n_layers)]
-    _need_hooks(backend, names, "attention_sinks")
-    windows = token_windows(backend, text, seq_len=seq_len, max_tokens=max_tokens)
-    L, H, T = backend.n_layers, backend.n_heads, windows.shape[1]
-    first = torch.zeros(L, H, dtype=torch.float64)  # sum over windows and queries 1..T-1
-    above = torch.zeros(L, dtype=torch.float64)  # count of (window, head, query) pairs above threshold
-
-    def keep(layer: int):
-        def fn(pattern: Tensor) -> None:
-            col = pattern[..., 0].detach().double().cpu()  # [b, head, query]
-            first[layer] += col[..., 1:].sum((0, 2))
-            above[layer] += (col > threshold).sum()
-        return fn
-
-    with torch.no_grad(), eval_mode(backend):
-        for x in batches(windows, batch_size, "attention sinks", progress):
-            with backend.hooks({n: keep(i) for i, n in enumerate(names)}):
-                backend.forward(x, None)
-    n = windows.shape[0]
-    first_attention = first / (n * (T - 1)) if T > 1 else first
-    return SinkReport(first_attention=first_attention, sink_rate=above / (n * H * T),
-                      sink_heads=(first_attention > threshold).double().mean(-1), threshold=threshold,
-                      n_windows=n, seq_len=T)
+    sinks, _ = _first_token_pass(model, text, threshold, seq_len, max_tokens, batch_size, progress, norms=False)
+    return sinks
 
 
 def residual_norms(
@@ -161,27 +138,80 @@ def residual_norms(
     Raises:
         LNFreeError: a text shorter than one window (or ``seq_len < 2``).
     """
+    _, norms = _first_token_pass(model, text, None, seq_len, max_tokens, batch_size, progress, norms=True)
+    return norms
+
+
+def first_token_analysis(
+    model: Any,
+    text: str | Int[Tensor, "n"],
+    *,
+    threshold: float = SINK_THRESHOLD,
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+):
+    """:func:`attention_sinks` and :func:`residual_norms` from one forward pass per batch.
+
+    Returns:
+        ``(SinkReport, norms DataFrame)``, exactly what the two functions return.
+
+    Raises:
+        LNFreeError: as :func:`attention_sinks`.
+    """
+    return _first_token_pass(model, text, threshold, seq_len, max_tokens, batch_size, progress, norms=True)
+
+
+def _first_token_pass(model, text, threshold, seq_len, max_tokens, batch_size, progress, norms: bool):
+    """One pass over the windows with the pattern hooks (``threshold`` given) and/or the residual
+    hooks (``norms``); returns ``(SinkReport | None, DataFrame | None)``."""
     import pandas as pd
 
+    want_sinks = threshold is not None
+    if want_sinks:
+        threshold = check_fraction(threshold, "threshold")
     backend = get_backend(model)
-    L = backend.n_layers
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    L, H = backend.n_layers, backend.n_heads
+    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)] if want_sinks else []
+    _need_hooks(backend, pattern_names, "attention_sinks")
+    resid_names = ([f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+                   if norms else [])
     windows = token_windows(backend, text, seq_len=seq_len, max_tokens=max_tokens)
-    first = torch.zeros(len(names), dtype=torch.float64)
-    rest = torch.zeros(len(names), dtype=torch.float64)
+    n, T = windows.shape
+    first = torch.zeros(L, H, dtype=torch.float64)  # attention to position 0, summed over windows, queries 1..T-1
+    above = torch.zeros(L, dtype=torch.float64)  # (window, head, query) pairs above threshold, all queries
+    norm_first = torch.zeros(len(resid_names), dtype=torch.float64)
+    norm_rest = torch.zeros(len(resid_names), dtype=torch.float64)
 
-    def keep(i: int):
-        def fn(resid: Tensor) -> None:
-            norms = resid.detach().double().norm(dim=-1).cpu()  # [b, pos]
-            first[i] += norms[:, 0].sum()
-            rest[i] += norms[:, 1:].sum()
+    def keep_pattern(layer: int):
+        def fn(pattern: Tensor) -> None:
+            col = pattern[..., 0].detach().double().cpu()  # [b, head, query]
+            first[layer] += col[..., 1:].sum((0, 2))
+            above[layer] += (col > threshold).sum()
         return fn
 
+    def keep_resid(i: int):
+        def fn(resid: Tensor) -> None:
+            norm = resid.detach().double().norm(dim=-1).cpu()  # [b, pos]
+            norm_first[i] += norm[:, 0].sum()
+            norm_rest[i] += norm[:, 1:].sum()
+        return fn
+
+    hooks = {name: keep_pattern(i) for i, name in enumerate(pattern_names)}
+    hooks.update({name: keep_resid(i) for i, name in enumerate(resid_names)})
     with torch.no_grad(), eval_mode(backend):
-        for x in batches(windows, batch_size, "residual norms", progress):
-            with backend.hooks({n: keep(i) for i, n in enumerate(names)}):
+        for x in batches(windows, batch_size, "first-token analysis", progress):
+            with backend.hooks(hooks):
                 backend.forward(x, None)
-    n, T = windows.shape
-    first, rest = first / n, rest / (n * (T - 1))
-    return pd.DataFrame({"hook": names, "layer": list(range(L)) + [L - 1], "first": first.tolist(),
-                         "rest": rest.tolist(), "ratio": (first / rest).tolist()})
+    sinks = frame = None
+    if want_sinks:
+        first_attention = first / (n * (T - 1))
+        sinks = SinkReport(first_attention=first_attention, sink_rate=above / (n * H * T),
+                           sink_heads=(first_attention > threshold).double().mean(-1), threshold=threshold,
+                           n_windows=n, seq_len=T)
+    if norms:
+        norm_first, norm_rest = norm_first / n, norm_rest / (n * (T - 1))
+        frame = pd.DataFrame({"hook": resid_names, "layer": list(range(L)) + [L - 1], "first": norm_first.tolist(),
+                              "rest": norm_rest.tolist(), "ratio": (norm_first / norm_rest).tolist()})
+    return sinks, frame
