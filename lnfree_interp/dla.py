@@ -34,6 +34,7 @@ from .backends import Backend, get_backend
 from .errors import LNFreeError
 from .inputs import positions, prepare, token_ids
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
+from .streaming import batches, run_batches, wants_stream
 
 By = Literal["head", "layer", "neuron"]
 
@@ -230,8 +231,8 @@ class _Request:
         direction, bias = w.W_U[:, answer_ids].T, w.b_U[answer_ids]
         if wrong_ids is not None:
             direction, bias = direction - w.W_U[:, wrong_ids].T, bias - w.b_U[wrong_ids]
-        return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen, top_k, value_bias,
-                   direction, bias, backend.norms().ln_final.is_identity)
+        return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen, top_k,
+                   value_bias, direction, bias, backend.norms().ln_final.is_identity)
 
     def capture(self, tokens: Tensor | None = None, mask: Tensor | None = None, sums: bool = False) -> _Capture:
         """The forward pass on the clean batch (or ``tokens``/``mask``: corrupted prompts)."""
@@ -303,6 +304,12 @@ def _direct_effect_values(req: _Request, ablation: Any) -> tuple[_Components, _C
     return comp, cap, torch.cat(values, 0)
 
 
+def _no_topk_stream(top_k: Any) -> None:
+    if top_k is not None:
+        raise LNFreeError("top_k picks neurons per batch, so it cannot stream; use batch_size with top_k=None and "
+                          "result.top(k) on the joined result.")
+
+
 def direct_logit_attribution(
     model: Any,
     inputs: Any,
@@ -315,6 +322,8 @@ def direct_logit_attribution(
     layers: int | list[int] | None = None,
     top_k: int | None = None,
     value_bias: Literal["head", "attn_bias"] = "head",
+    batch_size: int | None = None,
+    progress: bool = True,
 ) -> AttributionResult:
     """Direct logit attribution of ``logit[answer] - logit[wrong]`` (or ``logit[answer]``) to every
     component's write to the residual stream.
@@ -344,6 +353,10 @@ def direct_logit_attribution(
             ``b_V[h] W_O[h]`` in head ``h`` (it is part of what the head writes); ``"attn_bias"`` moves it
             into ``{l}_attn_bias`` as TransformerLens's ``from_pretrained(fold_value_biases=True)`` does,
             so per-head numbers match a TL user's. Totals are the same either way.
+        batch_size: stream the prompts in batches of this many (any N, flat memory; see
+            :mod:`lnfree_interp.streaming`); ``inputs`` may then also be a DataLoader or a
+            ``datasets`` column. ``None``: one batch.
+        progress: a tqdm bar over the batches when streaming.
 
     Returns:
         :class:`AttributionResult` with ``values [component, batch]`` in logits, ``labels``,
@@ -356,6 +369,13 @@ def direct_logit_attribution(
         LNFreeError: multi-token answer strings (naming the split), ids outside the vocabulary,
             ``pos`` outside a prompt, mismatched batch sizes, empty inputs, unsupported models.
     """
+    if wants_stream(inputs, batch_size):
+        _no_topk_stream(top_k)
+        parts = batches(get_backend(model), inputs, batch_size, mask=attention_mask,
+                        per_prompt={"answer": answer, "wrong": wrong, "pos": pos})
+        return run_batches(lambda p: direct_logit_attribution(
+            model, p["inputs"][0], p["answer"], p["wrong"], pos=p["pos"], by=by, attention_mask=p["inputs"][1],
+            layers=layers, value_bias=value_bias), parts, progress, "DLA")
     req = _Request.build(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask, by=by, layers=layers,
                          top_k=top_k, value_bias=value_bias)
     comp, cap, values = _dla_values(req)
@@ -376,6 +396,8 @@ def direct_effect(
     layers: int | list[int] | None = None,
     top_k: int | None = None,
     value_bias: Literal["head", "attn_bias"] = "head",
+    batch_size: int | None = None,
+    progress: bool = True,
 ) -> AttributionResult:
     """The true direct effect of each component on the metric, by path patching into the final
     residual stream.
@@ -397,6 +419,9 @@ def direct_effect(
         layers: as in :func:`direct_logit_attribution`.
         top_k: as in :func:`direct_logit_attribution`.
         value_bias: as in :func:`direct_logit_attribution`.
+        batch_size: as in :func:`direct_logit_attribution` (not with ``ablation="mean"``, whose mean is
+            over the batch).
+        progress: as in :func:`direct_logit_attribution`.
         components: ``"head"``, ``"layer"`` or ``"neuron"`` (the same rows as DLA's ``by``).
         ablation: ``"zero"`` (remove the component's write), ``"mean"`` (replace it by its mean over
             every real token of ``inputs``), or corrupted inputs (a list of strings, or token ids
@@ -414,6 +439,18 @@ def direct_effect(
     if ablation is None or (isinstance(ablation, str) and ablation not in ("zero", "mean")):
         raise LNFreeError(f"ablation={ablation!r} is not 'zero' or 'mean'. For corrupted inputs pass a list of "
                           "strings or token ids [batch, pos] (one corrupted prompt: a one-element list).")
+    if wants_stream(inputs, batch_size):
+        _no_topk_stream(top_k)
+        if isinstance(ablation, str) and ablation == "mean":
+            raise LNFreeError("ablation='mean' averages over the batch, so batch_size would change it; compute the "
+                              "mean once and pass corrupted inputs, or run without batch_size.")
+        corrupted = None if isinstance(ablation, str) else ablation
+        parts = batches(get_backend(model), inputs, batch_size, corrupted=corrupted, mask=attention_mask,
+                        per_prompt={"answer": answer, "wrong": wrong, "pos": pos})
+        return run_batches(lambda p: direct_effect(
+            model, p["inputs"][0], p["answer"], p["wrong"], components=components,
+            ablation=ablation if p["corrupted"] is None else p["corrupted"][0], pos=p["pos"],
+            attention_mask=p["inputs"][1], layers=layers, value_bias=value_bias), parts, progress, "direct effect")
     req = _Request.build(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask, by=components,
                          layers=layers, top_k=top_k, value_bias=value_bias)
     comp, cap, values = _direct_effect_values(req, ablation)
@@ -432,6 +469,8 @@ def compare_dla_direct_effect(
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
 ) -> Comparison:
     """How far DLA is from the true direct effect, per attention head: the paper's comparison.
 
@@ -449,6 +488,8 @@ def compare_dla_direct_effect(
         attention_mask: as in :func:`direct_logit_attribution`.
         n_boot: bootstrap resamples (over prompts).
         seed: seed of the bootstrap.
+        batch_size: as in :func:`direct_logit_attribution`.
+        progress: as in :func:`direct_logit_attribution`.
 
     Returns:
         :class:`Comparison`: ``nmae`` (percent; ~1e-13 for LN-free models in float64, clearly > 0 with
@@ -457,8 +498,9 @@ def compare_dla_direct_effect(
     """
     import pandas as pd
 
-    dla = direct_logit_attribution(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask)
-    de = direct_effect(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask)
+    kw = {"pos": pos, "attention_mask": attention_mask, "batch_size": batch_size, "progress": progress}
+    dla = direct_logit_attribution(model, inputs, answer, wrong, **kw)
+    de = direct_effect(model, inputs, answer, wrong, **kw)
     heads = [i for i, lab in enumerate(dla.labels) if lab.startswith("L") and "H" in lab]
     a, b = dla.values[heads].double().cpu(), de.values[heads].double().cpu()
     per = pd.DataFrame({"component": [dla.labels[i] for i in heads],

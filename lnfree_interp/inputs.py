@@ -238,3 +238,12 @@ def pair_inputs(backend: Any, clean: Any, corrupted: Any, attention_mask: Tensor
                           f"{lengths}): patching swaps activations position by position, so each corrupted prompt "
                           "must have exactly its clean prompt's token length.")
     return tokens, mask, c_tokens, c_mask
+
+
+def prepare_count(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> int:
+    """Number of prompts in ``inputs`` (without tokenizing a list of strings)."""
+    if isinstance(inputs, str):
+        return 1
+    if isinstance(inputs, (list, tuple)):
+        return len(inputs)
+    return int(prepare(backend, inputs, attention_mask)[0].shape[0])

@@ -27,6 +27,13 @@ class TokenMetric:
     def __init__(self, answer: Any, wrong: Any = None, pos: int | list[int] = -1):
         self.answer, self.wrong, self.pos = answer, wrong, pos
 
+    def take(self, start: int, stop: int, n: int) -> TokenMetric:
+        """This metric for prompts ``start:stop`` of ``n`` (per-prompt tokens and positions cut alongside)."""
+        from .streaming import take
+
+        return type(self)(take(self.answer, start, stop, n), take(self.wrong, start, stop, n),
+                          take(self.pos, start, stop, n))
+
     def bind(self, backend: Any, attention_mask: Tensor) -> Metric:
         """The metric for one batch: token strings resolved, positions resolved against the mask."""
         from .inputs import positions, token_ids

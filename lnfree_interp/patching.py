@@ -28,9 +28,10 @@ from torch import Tensor
 from .backends import Backend, check_metric, get_backend
 from .edge_results import EdgeResult
 from .errors import LNFreeError
-from .inputs import pair_inputs
+from .inputs import pair_inputs, prepare_count
 from .metrics import bind_metric
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
+from .streaming import batches, is_loader, run_batches, wants_stream
 
 Nodes = Literal["head", "attn_out", "mlp_out", "neuron", "resid_pre"]
 
@@ -66,6 +67,8 @@ def attribution_patching(
     per_position: bool = True,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
 ) -> AttributionResult:
     """Attribution patching of every node, all prompt pairs in one batched pass.
 
@@ -85,6 +88,9 @@ def attribution_patching(
             (``[node, batch]``).
         attention_mask: mask for padded clean token ids.
         corrupted_attention_mask: mask for padded corrupted token ids.
+        batch_size: stream the prompt pairs in batches of this many (any N, flat memory, same numbers;
+            see :mod:`lnfree_interp.streaming`); ``clean`` may then be a DataLoader of pairs.
+        progress: a tqdm bar over the batches when streaming.
 
     Returns:
         :class:`AttributionResult` (``kind="atp"``) in the metric's units, with ``direct`` and
@@ -102,8 +108,13 @@ def attribution_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
+    if wants_stream(clean, batch_size):
+        parts = batches(backend, clean, batch_size, corrupted=corrupted, mask=attention_mask,
+                        c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
+        return run_batches(lambda p: attribution_patching(
+            model, p["inputs"][0], p["corrupted"][0], p["metric"], nodes=nodes, per_position=per_position,
+            attention_mask=p["inputs"][1], corrupted_attention_mask=p["corrupted"][1]), parts, progress, "AtP")
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
-    batch = tokens.shape[0]
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     L = backend.n_layers
     names = [f"blocks.{layer}.{NODE_HOOKS[nodes]}" for layer in range(L)]
@@ -181,7 +192,8 @@ def activation_patching(
             is patched at all of ``positions`` at once (``[node, batch]``).
         positions: the positions to patch (default all), as column indices of the (padded) token
             batch; negative ones count from its end.
-        batch_size: rows per forward pass (at least one copy of the batch).
+        batch_size: rows per forward pass; more prompts than that are streamed in batches of
+            ``batch_size`` prompts (flat memory, same numbers), and ``clean`` may be a DataLoader.
         progress: tqdm bar over the forward passes.
 
     Returns:
@@ -196,6 +208,15 @@ def activation_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
+    wants_stream(clean, batch_size)  # validates
+    n_prompts = None if is_loader(clean) else prepare_count(backend, clean, attention_mask)
+    if n_prompts is None or n_prompts > batch_size:  # more prompts than rows per pass: stream them
+        parts = batches(backend, clean, batch_size, corrupted=corrupted, mask=attention_mask,
+                        c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
+        return run_batches(lambda p: activation_patching(
+            model, p["inputs"][0], p["corrupted"][0], p["metric"], nodes=nodes, per_position=per_position,
+            positions=positions, attention_mask=p["inputs"][1], corrupted_attention_mask=p["corrupted"][1],
+            batch_size=batch_size, progress=False), parts, progress, "activation patching")
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     batch, seq = tokens.shape
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
@@ -377,12 +398,13 @@ def _compare_edges(est: Any, truth: Any, n_boot: int, seed: int) -> Comparison:
     index = {e: i for i, e in enumerate(est.edges)}
     missing = [e.label for e in truth.edges if e not in index]
     if missing:
-        raise LNFreeError(f"The edge-patching result has edges the attribution lacks ({missing[:3]}...): another model?")
+        raise LNFreeError(f"The edge-patching result has edges the attribution lacks ({missing[:3]}...): "
+                          "another model?")
     for key in ("metric_clean", "metric_corrupted"):
         x, y = est.extra[key].detach().double().cpu(), truth.extra[key].detach().double().cpu()
         if x.shape != y.shape or float((x - y).abs().max()) > 1e-5 * max(float(y.abs().max()), 1.0):
-            raise LNFreeError(f"The two results have different {key.replace('_', ' ')} values: they come from different "
-                              "models, inputs or metrics.")
+            raise LNFreeError(f"The two results have different {key.replace('_', ' ')} values: they come from "
+                              "different models, inputs or metrics.")
     rows_idx = [index[e] for e in truth.edges]
     a = est.values[rows_idx].detach().double().cpu()
     b = truth.values.detach().double().cpu()

@@ -5,7 +5,7 @@ import torch
 
 import lnfree_interp as L
 from lnfree_interp import Edge, LNFreeError, Node, logit_diff
-from lnfree_interp.circuits import Graph
+from lnfree_interp.graph import Graph
 
 from .conftest import LOADERS, load
 

@@ -1,0 +1,198 @@
+"""The residual-stream graph of a GPT-2 and the machinery shared by every edge computation.
+
+:class:`Graph` lists writers, readers and valid edges; ``writer_outputs`` / ``reader_grads`` turn
+captured activations into each writer's output and each reader's input gradient; :class:`Rebuild`
+gives readers the input ``norm(resid + extra)`` inside a forward pass - the identity behind edge
+patching and circuit evaluation (LN-free ``norm`` is the identity, so a reader's input is exactly the
+sum of its writers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .backends import Backend
+from .errors import LNFreeError
+from .nodes import Edge, n_edges, readers, writers
+
+# --------------------------------------------------------------------------------------------
+# The graph of one model
+# --------------------------------------------------------------------------------------------
+
+
+class Graph:
+    """Writers, readers and the valid-edge mask ``[writer, reader]`` of one model's residual stream."""
+
+    def __init__(self, n_layers: int, n_heads: int):
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self.writers, self.readers = writers(n_layers, n_heads), readers(n_layers, n_heads)
+        self.w_index = {w: i for i, w in enumerate(self.writers)}
+        self.r_index = {r: i for i, r in enumerate(self.readers)}
+        w_order = torch.tensor([w.order for w in self.writers])
+        r_order = torch.tensor([r.order for r in self.readers])
+        self.valid = w_order[:, None] < r_order[None, :]  # [W, R]
+        self.n_edges = int(self.valid.sum())
+        if self.n_edges != n_edges(n_layers, n_heads):  # pragma: no cover - the two are one definition
+            raise LNFreeError("Internal error: edge count mismatch.")
+        wi, ri = self.valid.nonzero(as_tuple=True)
+        self.edge_index = (wi, ri)  # edges in writer-major order
+        self.edges = [Edge(self.writers[int(a)], self.readers[int(b)]) for a, b in zip(wi, ri)]
+
+    def reader_slice(self, layer: int) -> tuple[int, int]:
+        """Reader indices ``[start, stop)`` of one layer (q of every head, k, v, then ``mlp_in``)."""
+        per = 3 * self.n_heads + 1
+        return layer * per, (layer + 1) * per
+
+    def writers_before(self, layer: int, mlp: bool = False) -> int:
+        """Number of writers that precede layer ``layer``'s attention (or its MLP input)."""
+        return 1 + layer * (self.n_heads + 1) + (self.n_heads if mlp else 0)
+
+    def mask(self, edges: Iterable[Any]) -> Tensor:
+        """Boolean ``[W, R]`` of the given edges (labels, :class:`Edge` or ``(writer, reader)`` pairs).
+
+        Raises:
+            LNFreeError: an unknown label, a writer after its reader, a node of another model's graph.
+        """
+        out = torch.zeros_like(self.valid)
+        for e in edges:
+            edge = Edge.parse(e)
+            if edge.writer not in self.w_index or edge.reader not in self.r_index:
+                raise LNFreeError(f"Edge {edge} is not in this model's graph ({self.n_layers} layers x "
+                                  f"{self.n_heads} heads): is the circuit from another model?")
+            out[self.w_index[edge.writer], self.r_index[edge.reader]] = True
+        return out
+
+
+def graph_of(backend: Backend) -> Graph:
+    return Graph(backend.n_layers, backend.n_heads)
+
+
+# --------------------------------------------------------------------------------------------
+# Writers' outputs and readers' input gradients
+# --------------------------------------------------------------------------------------------
+
+
+def writer_hooks(L: int) -> list[str]:
+    return ["hook_embed", "hook_pos_embed"] + [f"blocks.{l}.{n}" for l in range(L)  # noqa: E741
+                                               for n in ("attn.hook_z", "hook_mlp_out")]
+
+
+def writer_outputs(backend: Backend, acts: dict[str, Tensor]) -> Float[Tensor, "writer batch pos d_model"]:
+    """Every writer's output (biases excluded from heads: ``b_O`` is a constant writer)."""
+    W_O = backend.weights().W_O
+    outs = [acts["hook_embed"] + acts["hook_pos_embed"]]
+    for layer in range(backend.n_layers):
+        z = acts[f"blocks.{layer}.attn.hook_z"]
+        outs += list(torch.einsum("bphk,hkd->hbpd", z, W_O[layer]))
+        outs.append(acts[f"blocks.{layer}.hook_mlp_out"])
+    return torch.stack(outs)
+
+
+def reader_hooks(L: int) -> list[str]:
+    names = []
+    for layer in range(L):
+        names += [f"blocks.{layer}.attn.hook_{x}" for x in "qkv"] + [f"blocks.{layer}.mlp.hook_pre",
+                                                                    f"blocks.{layer}.hook_resid_pre",
+                                                                    f"blocks.{layer}.hook_resid_mid"]
+    return names + [f"blocks.{L - 1}.hook_resid_post"]
+
+
+def reader_grads(backend: Backend, acts: dict[str, Tensor], grads: dict[str, Tensor],
+                  layer: int | None) -> Float[Tensor, "reader batch pos d_model"]:
+    """``d metric / d (reader input)`` for the readers of ``layer`` (``None``: the logits)."""
+    if layer is None:
+        return grads[f"blocks.{backend.n_layers - 1}.hook_resid_post"][None]
+    w, norms = backend.weights(), backend.norms()
+    p = f"blocks.{layer}."
+    out = []
+    for x, W in zip("qkv", (w.W_Q, w.W_K, w.W_V)):
+        g = torch.einsum("bphk,hdk->hbpd", grads[p + f"attn.hook_{x}"], W[layer])  # d/d(normalised input)
+        out.append(norms.ln1[layer].vjp(acts[p + "hook_resid_pre"], g))
+    g = grads[p + "mlp.hook_pre"] @ w.W_in[layer].T
+    out.append(norms.ln2[layer].vjp(acts[p + "hook_resid_mid"], g)[None])
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuilding readers' inputs inside a forward pass
+# --------------------------------------------------------------------------------------------
+
+
+class Rebuild:
+    """Hooks that give reader inputs ``norm(resid + extra)``, with ``extra`` per reader from a callback.
+
+    ``extra(layer, kind)`` returns ``[J, n, B, P, d]`` for kind in q/k/v (``n`` = n_heads) or
+    ``[J, B, P, d]`` for ``mlp_in`` / ``logits`` (J copies of the batch stacked in the forward), or
+    ``None`` for no change. The running residual stream is read at ``hook_resid_pre`` / ``mid``.
+    """
+
+    def __init__(self, backend: Backend, J: int, extra):
+        self.backend, self.J, self.extra = backend, J, extra
+        self.w, self.norms = backend.weights(), backend.norms()
+        self.resid: dict[str, Tensor] = {}
+
+    def hooks(self, observers: dict[str, Any] | None = None) -> dict[str, Any]:
+        fns: dict[str, Any] = dict(observers or {})
+        L = self.backend.n_layers
+        for layer in range(L):
+            p = f"blocks.{layer}."
+            for site in ("hook_resid_pre", "hook_resid_mid"):
+                fns[p + site] = self._keep(p + site, fns.get(p + site))
+            for kind in "qkv":
+                fns[p + f"attn.hook_{kind}"] = self._qkv(layer, kind)
+            fns[p + "mlp.hook_pre"] = self._mlp(layer)
+        last = f"blocks.{L - 1}.hook_resid_post"
+        fns[last] = self._logits(fns.get(last))
+        return fns
+
+    def _split(self, x: Tensor) -> Tensor:
+        return x.view(self.J, -1, *x.shape[1:])
+
+    def _keep(self, name: str, observer):
+        def fn(act: Tensor) -> None:
+            if observer is not None:
+                observer(act)
+            self.resid[name] = act
+        return fn
+
+    def _qkv(self, layer: int, kind: str):
+        W = {"q": self.w.W_Q, "k": self.w.W_K, "v": self.w.W_V}[kind][layer]
+        b = {"q": self.w.b_Q, "k": self.w.b_K, "v": self.w.b_V}[kind][layer]
+        norm = self.norms.ln1[layer]
+
+        def fn(act: Tensor) -> Tensor | None:
+            extra = self.extra(layer, kind)
+            if extra is None:
+                return None
+            resid = self._split(self.resid[f"blocks.{layer}.hook_resid_pre"])  # [J, B, P, d]
+            x = norm(resid[:, None] + extra)  # [J, H, B, P, d]
+            new = torch.einsum("jhbpd,hdk->jbphk", x, W) + b
+            return new.reshape(act.shape).to(act.dtype)
+        return fn
+
+    def _mlp(self, layer: int):
+        norm = self.norms.ln2[layer]
+        W, b = self.w.W_in[layer], self.w.b_in[layer]
+
+        def fn(act: Tensor) -> Tensor | None:
+            extra = self.extra(layer, "mlp_in")
+            if extra is None:
+                return None
+            resid = self._split(self.resid[f"blocks.{layer}.hook_resid_mid"])
+            return (norm(resid + extra) @ W + b).reshape(act.shape).to(act.dtype)
+        return fn
+
+    def _logits(self, observer):
+        def fn(act: Tensor) -> Tensor | None:
+            if observer is not None:
+                observer(act)
+            extra = self.extra(None, "logits")
+            if extra is None:
+                return None
+            return (self._split(act) + extra).reshape(act.shape)
+        return fn

@@ -1,0 +1,173 @@
+"""Dataset-sized inputs: split N prompts (or prompt pairs) into batches, run, and join the results.
+
+Every attribution entry point takes ``batch_size=`` (and ``progress=``): the prompts are tokenized
+once (so every batch has the same padded width), cut into batches of ``batch_size`` rows, each batch
+runs exactly as a single call would, and the per-prompt values are moved to the CPU and joined
+along the batch axis. Peak memory is that of one batch; the numbers equal the single-batch call's
+(float64 to 1e-10, tested). Inputs may be a list of strings, token ids ``[N, pos]``, a
+``datasets.Dataset`` column (``ds["text"]``), or a ``torch.utils.data.DataLoader`` whose batches are
+token tensors, lists of strings, or dicts with ``input_ids`` (+ ``attention_mask``) or ``text`` -
+and for pairs ``(clean, corrupted)`` tuples or ``{"clean": ..., "corrupted": ...}`` dicts. Per-prompt
+arguments (``answer``, ``wrong``, ``pos``, a metric's per-prompt tokens) are cut alongside; a
+DataLoader's batches may carry their own ``answer`` / ``wrong`` keys.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import LNFreeError
+
+
+def is_loader(x: Any) -> bool:
+    """A ``torch.utils.data.DataLoader`` (batches come from it, not from ``batch_size``)."""
+    return isinstance(x, torch.utils.data.DataLoader)
+
+
+def wants_stream(inputs: Any, batch_size: Any) -> bool:
+    """Whether a call streams: a ``batch_size`` was given or the inputs are a DataLoader.
+
+    Raises:
+        LNFreeError: ``batch_size`` is not a positive integer.
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise LNFreeError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch).")
+    return batch_size is not None or is_loader(inputs)
+
+
+def _as_list(x: Any) -> Any:
+    """A ``datasets`` column (or any non-list sequence of strings) as a list; other inputs unchanged."""
+    if isinstance(x, (str, Tensor, dict, list, tuple)) or hasattr(x, "input_ids"):
+        return x
+    if hasattr(x, "__len__") and hasattr(x, "__getitem__"):
+        return list(x)
+    return x
+
+
+def take(arg: Any, start: int, stop: int, n: int) -> Any:
+    """``arg[start:stop]`` if it is a per-prompt value (a sequence or tensor of length ``n``), else ``arg``."""
+    if hasattr(arg, "take") and not isinstance(arg, Tensor):  # a metric with per-prompt tokens
+        return arg.take(start, stop, n)
+    if isinstance(arg, str) or arg is None:
+        return arg
+    if isinstance(arg, Tensor) and arg.ndim >= 1 and arg.shape[0] == n:
+        return arg[start:stop]
+    if isinstance(arg, (list, tuple)) and len(arg) == n and n > 1:
+        return list(arg[start:stop])
+    if hasattr(arg, "__array__") and getattr(arg, "ndim", 0) >= 1 and len(arg) == n:
+        return arg[start:stop]
+    return arg
+
+
+def _tokens(backend: Any, x: Any, mask: Any) -> tuple[Tensor, Tensor]:
+    from .inputs import prepare
+
+    if isinstance(x, dict) and ("input_ids" in x or "text" in x):
+        if "input_ids" in x:
+            return prepare(backend, torch.as_tensor(x["input_ids"]), x.get("attention_mask"))
+        return prepare(backend, list(x["text"]))
+    return prepare(backend, _as_list(x), mask)
+
+
+def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any = None, mask: Any = None,
+            c_mask: Any = None, per_prompt: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield ``{"inputs": (tokens, mask), "corrupted": (tokens, mask) | None, **per_prompt}`` per batch."""
+    per_prompt = dict(per_prompt or {})
+    pair_wanted = corrupted is not None or "metric" in per_prompt
+    if is_loader(inputs):
+        for item in inputs:
+            extra = {}
+            if isinstance(item, dict):
+                extra = {k: item[k] for k in ("answer", "wrong", "pos") if k in item}
+                if "clean" in item:
+                    item = (item["clean"], item["corrupted"])
+            pair = isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], str)
+            if pair_wanted or pair:
+                if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                    raise LNFreeError("For prompt pairs the DataLoader must yield (clean, corrupted) tuples or "
+                                      f"{{'clean': ..., 'corrupted': ...}} dicts; got {type(item).__name__}.")
+                yield {"inputs": _tokens(backend, item[0], None), "corrupted": _tokens(backend, item[1], None),
+                       **per_prompt, **extra}
+            else:
+                if not isinstance(item, (Tensor, list, dict)) or isinstance(item, dict) and not (
+                        "input_ids" in item or "text" in item):
+                    raise LNFreeError(f"The DataLoader yielded a {type(item).__name__}; batches must be token tensors "
+                                      "[batch, pos], lists of strings, or dicts with input_ids / text.")
+                yield {"inputs": _tokens(backend, item, None), "corrupted": None, **per_prompt, **extra}
+        return
+    if pair_wanted and corrupted is None:
+        raise LNFreeError("Prompt pairs need corrupted prompts (or a DataLoader of (clean, corrupted) pairs).")
+    tokens, m = _tokens(backend, inputs, mask)
+    c = None if corrupted is None else _tokens(backend, corrupted, c_mask)
+    n = tokens.shape[0]
+    if c is not None and c[0].shape[0] != n:
+        raise LNFreeError(f"{n} clean prompts but {c[0].shape[0]} corrupted ones.")
+    step = batch_size or n
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield {"inputs": (tokens[start:stop], m[start:stop]),
+               "corrupted": None if c is None else (c[0][start:stop], c[1][start:stop]),
+               **{k: take(v, start, stop, n) for k, v in per_prompt.items()}}
+
+
+def run_batches(call: Callable[[dict[str, Any]], Any], parts: Iterator[dict[str, Any]], progress: bool,
+                desc: str) -> Any:
+    """``call`` on every batch (with a tqdm bar), results joined along the batch axis on the CPU."""
+    from tqdm.auto import tqdm
+
+    results = [to_cpu(call(part)) for part in tqdm(parts, desc=desc, disable=not progress, mininterval=1.0)]
+    if not results:
+        raise LNFreeError("No prompts: the inputs (or the DataLoader) were empty.")
+    return concat(results)
+
+
+def to_cpu(result: Any) -> Any:
+    """Move a result's tensors to the CPU (in place) so device memory stays flat while streaming."""
+    for key, value in vars(result).items():
+        if isinstance(value, Tensor):
+            setattr(result, key, value.detach().cpu())
+    extra = getattr(result, "extra", None)
+    if isinstance(extra, dict):
+        for key, value in extra.items():
+            if isinstance(value, Tensor):
+                extra[key] = value.detach().cpu()
+    return result
+
+
+def concat(results: list[Any]) -> Any:
+    """Join results of the same kind along their last (batch) axis.
+
+    Raises:
+        LNFreeError: results with different labels or shapes (e.g. per-position results over batches
+            of different padded widths from a DataLoader).
+    """
+    import dataclasses
+
+    first = results[0]
+    if len(results) == 1:
+        return first
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(r, f.name) for r in results]
+        if isinstance(values[0], Tensor):
+            shapes = {tuple(v.shape[:-1]) for v in values}
+            if len(shapes) != 1:
+                raise LNFreeError(f"Batches gave {f.name} of different shapes {sorted(shapes)}: per-position results "
+                                  "need every batch padded to one width (pass a list or a token tensor, not a "
+                                  "DataLoader of varying widths).")
+            changes[f.name] = torch.cat(values, -1)
+        elif f.name == "extra":
+            extra = dict(values[0])
+            for key, value in extra.items():
+                if isinstance(value, Tensor) and value.ndim >= 1:
+                    extra[key] = torch.cat([v[key] for v in values], -1)
+            changes[f.name] = extra
+        elif f.name in ("labels", "edges") and any(v != values[0] for v in values):
+            raise LNFreeError("Batches gave different components; this is a bug, please report it.")
+    return dataclasses.replace(first, **changes)

@@ -1,0 +1,77 @@
+"""Dataset-sized inputs (lnfree_interp.streaming): batches give the single-batch numbers (float64, 1e-10)."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lnfree_interp as L
+from lnfree_interp import LNFreeError, logit_diff
+
+
+def _data(vocab, n=7, seq=8):
+    gen = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, vocab, (n, seq), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 3] = torch.randint(0, vocab, (n,), generator=gen)
+    answer = torch.randint(0, vocab, (n,), generator=gen).tolist()
+    return clean, corrupted, answer
+
+
+def test_dla_de_atp_and_edges_stream_to_the_single_batch_numbers(models):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size)
+    for fn, args, kw in (
+        (L.direct_logit_attribution, (clean, answer, 9), {}),
+        (L.direct_logit_attribution, (clean, answer, 9), {"by": "neuron"}),
+        (L.direct_effect, (clean, answer, 9), {"ablation": corrupted}),
+        (L.attribution_patching, (clean, corrupted, logit_diff(answer, 9)), {"per_position": True}),
+        (L.edge_attribution, (clean, corrupted, logit_diff(answer, 9)), {}),
+    ):
+        one = fn(model, *args, **kw)
+        many = fn(model, *args, batch_size=3, progress=False, **kw)
+        assert many.values.shape == one.values.shape and many.labels == one.labels
+        assert (many.values - one.values).abs().max() <= 1e-10, fn.__name__
+        assert (many.metric - one.metric).abs().max() <= 1e-10
+    act_one = L.activation_patching(model, clean, corrupted, logit_diff(answer, 9), nodes="mlp_out", progress=False)
+    act_many = L.activation_patching(model, clean, corrupted, logit_diff(answer, 9), nodes="mlp_out", batch_size=2,
+                                     progress=False)
+    assert (act_one.values - act_many.values).abs().max() <= 1e-10
+    cmp = L.compare_dla_direct_effect(model, clean, answer, 9, batch_size=2, progress=False)
+    assert cmp.nmae <= 1e-8
+
+
+def test_dataloaders_and_string_lists(models, tokenizer):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64, tokenizer=tokenizer)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size)
+    one = L.attribution_patching(model, clean, corrupted, logit_diff(5, 9), per_position=False)
+    pairs = DataLoader(list(zip(clean, corrupted)), batch_size=3)
+    many = L.attribution_patching(model, pairs, None, logit_diff(5, 9), per_position=False, progress=False)
+    assert (many.values - one.values).abs().max() <= 1e-10
+    loader = DataLoader([{"input_ids": c, "answer": a} for c, a in zip(clean, answer)], batch_size=4)
+    dla = L.direct_logit_attribution(model, loader, None, 9, progress=False)
+    assert (dla.values - L.direct_logit_attribution(model, clean, answer, 9).values).abs().max() <= 1e-10
+    texts = ["When Mary and John went to the store", "ROMEO: I will go.", "The king is dead", "JULIET: I am"]
+    ref = L.direct_logit_attribution(model, texts, 5, 9)  # one padded batch
+    got = L.direct_logit_attribution(model, texts, 5, 9, batch_size=3, progress=False)
+    assert (got.values - ref.values).abs().max() <= 1e-10
+
+
+def test_bad_streams(models):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(LNFreeError, match="batch_size"):
+            L.direct_logit_attribution(model, clean, 5, 9, batch_size=bad)
+    with pytest.raises(LNFreeError, match="DataLoader"):
+        L.direct_logit_attribution(model, DataLoader([{"ids": 1}, {"ids": 2}], batch_size=1), 5, 9, progress=False)
+    with pytest.raises(LNFreeError, match="integers"):
+        L.direct_logit_attribution(model, DataLoader([1.5, 2.5], batch_size=1), 5, 9, progress=False)
+    with pytest.raises(LNFreeError, match="pairs"):
+        L.attribution_patching(model, DataLoader(list(clean), batch_size=2), corrupted, logit_diff(5, 9),
+                               progress=False)
+    with pytest.raises(LNFreeError, match="top_k"):
+        L.direct_logit_attribution(model, clean, 5, 9, by="neuron", top_k=3, batch_size=2)
+    with pytest.raises(LNFreeError, match="mean"):
+        L.direct_effect(model, clean, 5, 9, ablation="mean", batch_size=2)
+    with pytest.raises(LNFreeError, match="corrupted"):
+        L.attribution_patching(model, clean, corrupted[:5], logit_diff(5, 9), batch_size=2, progress=False)
