@@ -8,8 +8,8 @@ Labels follow TransformerLens conventions: ``L{l}H{h}`` (attention head), ``{l}_
 from __future__ import annotations
 
 import math
-
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,10 @@ class AttributionResult:
 
             dtype = self.values.dtype
             rtol = rtol if rtol is not None else (1e-10 if dtype == torch.float64 else TOLERANCE.get(dtype, 1e-5))
-            err = float((self.total() - self.metric).abs().max())
+            err = float((self.total() - self.metric).detach().abs().max())
             scale = self.values.abs().flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.abs().sum(0)
             if self.bias is not None:
-                scale = scale + self.bias.abs()
+                scale = scale + self.bias.detach().abs()
             ref = max(float(scale.max()), float(self.metric.abs().max()), 1e-30)
             if err > rtol * ref:
                 raise LNFreeError(f"DLA components sum to the metric only within {err:.3g} (relative "
@@ -176,59 +176,40 @@ class AttributionResult:
         if mean.ndim > 1:
             mean = mean.sum(-1)
         order = mean.abs().argsort(descending=True)[:k].tolist()
-        std = self.values.detach().double().cpu()
-        std = (std.sum(1) if std.ndim > 2 else std).std(-1) if std.shape[-1] > 1 else torch.zeros_like(mean)
-        return pd.DataFrame({"component": [self.labels[i] for i in order], "mean": [float(mean[i]) for i in order],
-                             "std": [float(std[i]) for i in order]})
+        table = {"component": [self.labels[i] for i in order], "mean": [float(mean[i]) for i in order]}
+        values = self.values.detach().double().cpu()
+        if values.shape[-1] > 1:  # std over prompts; one prompt has none (no column of zeros)
+            std = (values.sum(1) if values.ndim > 2 else values).std(-1)
+            table["std"] = [float(std[i]) for i in order]
+        return pd.DataFrame(table)
 
-    # --- figures -----------------------------------------------------------------------------
-    def plot(self, title: str | None = None):
-        """Plotly figure: layer x head heatmap (centred diverging ``RdBu``, as in TL tutorials) when
-        the result has heads, else a bar chart of the components."""
-        import plotly.express as px
-        import plotly.graph_objects as go
+    # --- figures (layout: lnfree_interp.figures) ----------------------------------------------
+    def plot(self, title: str | None = None, units: str | None = None):
+        """Interactive plotly figure: the layer x component heatmap (heads, attention bias, MLP; layer 0
+        at the top; centred ``RdBu``; colour bar in ``units``, default logits for DLA), or a bar chart of
+        the largest components for neuron-level results. ``title``: put the prompt and metric there
+        (default: what the result records)."""
+        from .figures import heatmap_plotly
 
-        title = title or f"{self.kind} ({'exact' if self.exact else 'approximate' if self.kind == 'dla' else ''})"
-        grid = self.head_matrix()
-        if not torch.isnan(grid).all():
-            bound = float(grid.nan_to_num(0).abs().max()) or 1.0
-            return px.imshow(grid.numpy(), color_continuous_scale="RdBu", zmin=-bound, zmax=bound,
-                             labels={"x": "head", "y": "layer", "color": "logits"}, title=title, aspect="auto")
-        mean = self.mean().detach().double().cpu()
-        mean = mean.sum(-1) if mean.ndim > 1 else mean
-        return go.Figure(go.Bar(x=self.labels, y=mean.tolist()), layout={"title": title})
+        return heatmap_plotly(self, title, units)
 
-    def save(self, path: str | Path, title: str | None = None) -> list[Path]:
-        """Write ``path.png`` (matplotlib) and ``path.html`` (interactive plotly, with ``plotly.min.js``
-        beside it so it opens offline); returns the paths. Leaves pyplot's state (and a notebook's
-        backend) alone."""
-        from matplotlib.figure import Figure
+    def figure(self, title: str | None = None, units: str | None = None):
+        """The static version of :meth:`plot`: a matplotlib ``Figure`` (no pyplot state touched)."""
+        from .figures import heatmap_figure
 
-        path = Path(path).with_suffix("")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        title = title or self.kind
-        grid = self.head_matrix()
-        fig = Figure(figsize=(max(4, 0.5 * self.n_heads + 2), max(3, 0.4 * self.n_layers + 1.5)), dpi=100)
-        ax = fig.subplots()
-        if not torch.isnan(grid).all():
-            bound = float(grid.nan_to_num(0).abs().max()) or 1.0
-            im = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_xticks(range(self.n_heads))
-            ax.set_yticks(range(self.n_layers))
-            fig.colorbar(im, ax=ax, label="logits")
-        else:
-            mean = self.mean().detach().double().cpu()
-            mean = mean.sum(-1) if mean.ndim > 1 else mean
-            ax.bar(range(len(self.labels)), mean.numpy())
-            ax.set_xticks(range(len(self.labels)), self.labels, rotation=90, fontsize=6)
-        ax.set_title(title)
-        fig.tight_layout()
-        png, html = path.with_suffix(".png"), path.with_suffix(".html")
-        fig.savefig(png)
-        self.plot(title).write_html(str(html), include_plotlyjs="directory")
-        return [png, html]
+        return heatmap_figure(self, title, units)
+
+    def save(self, path: str | Path, title: str | None = None, units: str | None = None, *,
+             html: bool = False) -> list[Path]:
+        """Write ``path.png`` (:meth:`figure`) and, with ``html=True``, ``path.html`` (:meth:`plot`, one
+        self-contained page with plotly.js inside: opens offline, ~5 MB); returns the paths. Leaves
+        pyplot's state (and a notebook's backend) alone."""
+        from .figures import save_html, save_png
+
+        paths = [save_png(self.figure(title, units), path)]
+        if html:
+            paths.append(save_html([self.plot(title, units)], Path(path).with_suffix(""), title=title or self.kind))
+        return paths
 
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.values.shape)
@@ -258,58 +239,49 @@ class Comparison:
     stats: dict[str, float]
     a: Tensor
     b: Tensor
-    layers: list[int | None]
+    layers: Sequence[int | None]
     names: tuple[str, str]
     title: str = ""
 
     def __repr__(self) -> str:
-        extra = ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items())
         ci = "no CI from one prompt" if math.isnan(self.ci[0]) else f"95% CI {self.ci[0]:.3g}-{self.ci[1]:.3g}%"
-        return (f"Comparison({self.names[0]} vs {self.names[1]}): NMAE {self.nmae:.3g}% ({ci})"
-                + (f"; {extra}" if extra else ""))
+        head = (f"Comparison({self.names[0]} vs {self.names[1]}): NMAE {self.nmae:.3g}% ({ci}) "
+                f"= 100 * mean|a - b| / mean|b|")
+        named = {"pearson": "Pearson r {:.3f}", "spearman": "Spearman rho {:.3f}",
+                 "sign_agreement": "sign agreement {:.0%}", "max_abs_error": "max|a - b| {:.3g}"}
+        parts = []
+        for key, value in self.stats.items():
+            if key == "nmae":  # the headline figure above
+                continue
+            if key == "normalised_mae":  # the paper's normalisation, in percent like NMAE
+                parts.append(f"mean|a - b| / full-restoration effect {100 * value:.3g}%")
+            else:
+                parts.append(named[key].format(value) if key in named else f"{key} {value:.4g}")
+        return head + ("\n  " + ", ".join(parts) if parts else "")
 
-    def plot(self):
-        """Plotly scatter of ``a`` against ``b``, coloured by layer, with the y = x line."""
-        import plotly.graph_objects as go
+    def plot(self, title: str | None = None, units: str = "logits"):
+        """Plotly scatter of ``a`` (y) against ``b`` (x), coloured by layer, with the y = x line; the
+        agreement figures under the title; axes in ``units``."""
+        from .figures import scatter_plotly
 
-        a, b = self.a.double().cpu().numpy(), self.b.double().cpu().numpy()
-        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=b, y=a, mode="markers", name="components",
-                                 marker={"color": [-1 if x is None else x for x in self.layers],
-                                         "colorscale": "Viridis", "showscale": True,
-                                         "colorbar": {"title": "layer"}}))
-        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
-                                 line={"dash": "dash", "color": "grey"}))
-        fig.update_layout(title=self.title or repr(self), xaxis_title=self.names[1], yaxis_title=self.names[0])
-        return fig
+        return scatter_plotly(self, title, units)
 
-    def save(self, path: str | Path) -> list[Path]:
-        """Write ``path.png`` (matplotlib scatter) and ``path.html`` (plotly, ``plotly.min.js`` beside it)."""
-        import matplotlib
-        from matplotlib.figure import Figure
+    def figure(self, title: str | None = None, units: str = "logits"):
+        """The static version of :meth:`plot`: a matplotlib ``Figure`` (no pyplot state touched)."""
+        from .figures import scatter_figure
 
-        path = Path(path).with_suffix("")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        a, b = self.a.double().cpu().numpy(), self.b.double().cpu().numpy()
-        fig = Figure(figsize=(5, 4.5), dpi=100)
-        ax = fig.subplots()
-        layers = [-1 if x is None else x for x in self.layers]
-        n = max(layers) - min(layers) + 1
-        sc = ax.scatter(b, a, c=layers, cmap=matplotlib.colormaps["viridis"].resampled(n), s=12,
-                        vmin=min(layers) - 0.5, vmax=max(layers) + 0.5)
-        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
-        ax.plot([lo, hi], [lo, hi], "--", color="grey", lw=1)
-        ax.set_xlabel(self.names[1])
-        ax.set_ylabel(self.names[0])
-        ax.set_title(self.title or f"NMAE {self.nmae:.3g}%", fontsize=9)
-        fig.colorbar(sc, ax=ax, label="layer (-1: not a layer)" if min(layers) < 0 else "layer",
-                     ticks=range(min(layers), max(layers) + 1))
-        fig.tight_layout()
-        png, html = path.with_suffix(".png"), path.with_suffix(".html")
-        fig.savefig(png)
-        self.plot().write_html(str(html), include_plotlyjs="directory")
-        return [png, html]
+        return scatter_figure(self, title, units)
+
+    def save(self, path: str | Path, title: str | None = None, units: str = "logits", *,
+             html: bool = False) -> list[Path]:
+        """Write ``path.png`` (:meth:`figure`) and, with ``html=True``, a self-contained ``path.html``."""
+        from .figures import save_html, save_png
+
+        paths = [save_png(self.figure(title, units), path)]
+        if html:
+            paths.append(save_html([self.plot(title, units)], Path(path).with_suffix(""),
+                                   title=title or self.title or "comparison"))
+        return paths
 
 
 def nmae(a: Tensor, b: Tensor) -> float:

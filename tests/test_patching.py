@@ -169,7 +169,7 @@ def test_compare_attribution(models, tmp_path):
     restore = act.extra["metric_corrupted"] - act.extra["metric_clean"]
     assert cmp.stats["normalised_mae"] == pytest.approx(((atp.values - act.values) / restore).abs().mean().item())
     assert list(cmp.per_component["layer"]) == [0, 1]
-    png, html = cmp.save(tmp_path / "scatter")
+    png, html = cmp.save(tmp_path / "scatter", html=True)
     assert png.stat().st_size > 1000 and html.exists()
     with pytest.raises(LNFreeError, match="different nodes"):
         L.compare_attribution(atp, L.activation_patching(model, clean, corrupted, metric, nodes="mlp_out",
