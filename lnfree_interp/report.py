@@ -208,7 +208,7 @@ def compare_models(
             the paper uses The Pile).
         prompts: :class:`lnfree_interp.IOIPrompts` for attribution vs activation patching (default
             ``ioi_prompts(first model, n=8)``).
-        max_tokens: tokens of ``text`` used by the text-level analyses (``None``: all).
+        max_tokens: tokens of ``text`` used by the text-level analyses (default 4096; ``None``: all).
         seq_len: window length (default ``min(512, n_ctx)``).
         threshold: attention-sink threshold (paper: 0.3).
         n_bins: ECE bins (paper: 10).
@@ -231,7 +231,7 @@ def compare_models(
                    evaluate_loss, ioi_prompts, logit_diff)
     from .analyses import (calibration, check_same_vocabulary, entropy_neuron_scores, first_token_analysis,
                            neuron_ablation, output_divergence, unembedding_spectrum)
-    from .analyses.windows import check_fraction
+    from .analyses.windows import DEFAULT_SEQ_LEN, LOGIT_BUDGET, check_fraction
     from .backends import get_backend
     from .checkpoints import EMBEDDED_DIR
 
@@ -245,22 +245,25 @@ def compare_models(
     if prompts is None:
         prompts = ioi_prompts(loaded[0], n=8)
     dla_inputs = _prompts_from_text(loaded[0], text, n_dla_prompts, dla_prompt_len, seed=0)
-    opts = {"seq_len": seq_len, "max_tokens": max_tokens, "progress": False}
     steps = ["loss", "calibration", "divergence", "sinks and norms", "entropy neurons", "DLA vs DE", "AtP"]
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     total = len(steps) * len(loaded)
     i = 0
     for label, model in zip(labels, loaded):
-        res: dict[str, Any] = {"lnfree": get_backend(model).lnfree}
+        backend = get_backend(model)
+        res: dict[str, Any] = {"lnfree": backend.lnfree}
+        seq = min(DEFAULT_SEQ_LEN, backend.n_ctx) if seq_len is None else seq_len  # one window length for all
+        opts = {"seq_len": seq, "max_tokens": max_tokens, "progress": False}
         for step in steps:
             i += 1
             if progress:
                 print(f"[{i}/{total}] {label}: {step} ...", end="", flush=True)
             t0 = time.perf_counter()
             if step == "loss":
-                res["loss"] = evaluate_loss(model, text, seq_len=seq_len, max_tokens=max_tokens, progress=False,
-                                            return_per_token=True)
+                res["loss"] = evaluate_loss(model, text, seq_len=seq, max_tokens=max_tokens, progress=False,
+                                            return_per_token=True,
+                                            batch_size=max(1, LOGIT_BUDGET // (seq * backend.d_vocab)))
             elif step == "calibration":
                 res["calibration"] = calibration(model, text, n_bins=n_bins, n_boot=n_boot, **opts)
             elif step == "divergence":

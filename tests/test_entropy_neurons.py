@@ -49,7 +49,8 @@ def test_null_space_write_has_exactly_zero_direct_effect_lnfree(free, base):
         moved = _logits_with_write(free, tokens, 50 * u) - clean
         assert float((moved - 50 * (u @ W_U)).abs().max()) <= 1e-10
     # ... and with LayerNorm it is not: the write changes the final LN scale (a temperature)
-    base_clean = get_backend(base).forward(tokens, None).double()
+    with torch.no_grad():
+        base_clean = get_backend(base).forward(tokens, None).double()
     u = null_space(base, 1)[:, 0]
     moved = _logits_with_write(base, tokens, 50 * u) - base_clean
     W_Ub = get_backend(base).weights().W_U.detach().double()

@@ -151,14 +151,14 @@ def expected_calibration_error(
     return ece, ci, bins
 
 
-def next_token_stats(model: Any, windows: Int[Tensor, "window pos"], *, batch_size: int = 8,
+def next_token_stats(model: Any, windows: Int[Tensor, "window pos"], *, batch_size: int | None = None,
                      progress: bool = True) -> dict[str, Tensor]:
     """Per scored token (every position but the last of each window): top-1 ``confidence``,
     ``correct`` (top-1 is the next token), ``entropy`` (nats) and ``ce`` (nats), each ``[n]``, float64."""
     backend = get_backend(model)
     out: dict[str, list[Tensor]] = {"confidence": [], "correct": [], "entropy": [], "ce": []}
     with torch.no_grad(), eval_mode(backend):
-        for x in batches(windows, batch_size, "next-token statistics", progress):
+        for x in batches(windows, batch_size, "next-token statistics", progress, backend.d_vocab):
             logp = torch.log_softmax(logits_of(backend, x)[:, :-1], -1)
             target = x[:, 1:]
             top, arg = logp.max(-1)
@@ -179,7 +179,7 @@ def calibration(
     seed: int = SEED,
     seq_len: int | None = None,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     return_per_token: bool = False,
     progress: bool = True,
 ) -> CalibrationReport:
@@ -195,7 +195,7 @@ def calibration(
         seed: seed of the bootstrap (paper: 42).
         seq_len: window length (default ``min(512, n_ctx)``).
         max_tokens: use only the first ``max_tokens`` tokens.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (default: logits of a batch under ~4M numbers).
         return_per_token: keep ``confidence``, ``correct`` and ``entropy`` per token.
         progress: tqdm bar over batches.
 
@@ -269,7 +269,7 @@ def output_divergence(
     *,
     seq_len: int | None = None,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     return_per_token: bool = False,
     progress: bool = True,
 ) -> DivergenceReport:
@@ -286,7 +286,7 @@ def output_divergence(
         text: a string or 1-D token ids.
         seq_len: window length (default ``min(512, n_ctx)`` of model A; must fit model B too).
         max_tokens: use only the first ``max_tokens`` tokens.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (default: logits of a batch under ~4M numbers).
         return_per_token: keep the per-token divergences ``[n]``.
         progress: tqdm bar over batches.
 
@@ -306,7 +306,7 @@ def output_divergence(
     out: dict[str, list[Tensor]] = {"jsd": [], "kl_ab": [], "kl_ba": [], "agree": []}
     log2 = math.log(2.0)
     with torch.no_grad(), eval_mode(a), eval_mode(b):
-        for x in batches(windows, batch_size, "divergence", progress):
+        for x in batches(windows, batch_size, "divergence", progress, a.d_vocab):
             lp = torch.log_softmax(logits_of(a, x)[:, :-1], -1)
             lq = torch.log_softmax(logits_of(b, x.to(b.device))[:, :-1].to(lp.device), -1)
             p, q = lp.exp(), lq.exp()

@@ -80,7 +80,7 @@ def attention_sinks(
     threshold: float = SINK_THRESHOLD,
     seq_len: int | None = None,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> SinkReport:
     """Attention-sink rate per layer and each head's mean attention to position 0, on a text.
@@ -93,7 +93,7 @@ def attention_sinks(
             (paper: 0.3), in (0, 1).
         seq_len: window length (default ``min(512, n_ctx)``; the authors use 512).
         max_tokens: use only the first ``max_tokens`` tokens.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (default: logits of a batch under ~4M numbers).
         progress: tqdm bar over batches.
 
     Returns:
@@ -113,7 +113,7 @@ def residual_norms(
     *,
     seq_len: int | None = None,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ):
     """L2 norm of the residual stream per layer at position 0 vs the other positions, on a text.
@@ -128,7 +128,7 @@ def residual_norms(
         text: a string or 1-D token ids, cut into windows as :func:`token_windows` does.
         seq_len: window length (default ``min(512, n_ctx)``).
         max_tokens: use only the first ``max_tokens`` tokens.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (default: logits of a batch under ~4M numbers).
         progress: tqdm bar over batches.
 
     Returns:
@@ -149,7 +149,7 @@ def first_token_analysis(
     threshold: float = SINK_THRESHOLD,
     seq_len: int | None = None,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ):
     """:func:`attention_sinks` and :func:`residual_norms` from one forward pass per batch.
@@ -201,7 +201,7 @@ def _first_token_pass(model, text, threshold, seq_len, max_tokens, batch_size, p
     hooks = {name: keep_pattern(i) for i, name in enumerate(pattern_names)}
     hooks.update({name: keep_resid(i) for i, name in enumerate(resid_names)})
     with torch.no_grad(), eval_mode(backend):
-        for x in batches(windows, batch_size, "first-token analysis", progress):
+        for x in batches(windows, batch_size, "first-token analysis", progress, backend.d_vocab):
             with backend.hooks(hooks):
                 backend.forward(x, None)
     sinks = frame = None

@@ -73,14 +73,23 @@ def token_windows(
     return stream[: n * seq_len].view(n, seq_len).to(backend.device)
 
 
-def batches(windows: Tensor, batch_size: int, desc: str, progress: bool) -> Iterator[Tensor]:
+#: default batch: as many windows as keep one batch's logits under this many numbers (32 MB in float64)
+LOGIT_BUDGET = 2**22
+
+
+def batches(windows: Tensor, batch_size: int | None, desc: str, progress: bool, d_vocab: int = 1) -> Iterator[Tensor]:
     """``windows`` in chunks of ``batch_size`` rows, with a tqdm bar when there is more than one.
+
+    ``batch_size=None``: as many windows as keep ``rows x seq_len x d_vocab`` under
+    :data:`LOGIT_BUDGET` (at least one): 16 windows of the embedded models, one of GPT-2's 512 tokens.
 
     Raises:
         LNFreeError: ``batch_size < 1``.
     """
     from tqdm.auto import tqdm
 
+    if batch_size is None:
+        batch_size = max(1, LOGIT_BUDGET // (windows.shape[1] * max(1, int(d_vocab))))
     if int(batch_size) < 1:
         raise LNFreeError(f"batch_size={batch_size} must be at least 1.")
     starts = range(0, windows.shape[0], int(batch_size))
