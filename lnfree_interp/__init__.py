@@ -12,7 +12,7 @@ functions use the exactness that buys (direct logit attribution = direct effect)
 TransformerLens and nnsight are imported only when a function needs them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .analyses import (CalibrationReport, DivergenceReport, NeuronAblation, SinkReport, attention_sinks, calibration,
                        entropy_neuron_scores, expected_calibration_error, neuron_ablation, null_space, output_divergence,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,38 +27,12 @@ from .errors import LNFreeError
 EMBEDDED = ("tiny-shakespeare", "tiny-shakespeare-vanilla", "tiny-shakespeare-lnfree")
 
 
-class _Step:
-    """Prints ``[i/n] what ... done (1.2 s)``: progress for the slow parts of a command."""
-
-    def __init__(self, total: int):
-        self.total, self.i = total, 0
-
-    def __call__(self, what: str):
-        self.i += 1
-        print(f"[{self.i}/{self.total}] {what} ...", flush=True)
-        return _Timer()
-
-
-class _Timer:
-    def __enter__(self):
-        self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            print(f"      done ({time.perf_counter() - self.t:.1f} s)", flush=True)
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]
-
-
 def _load(args: argparse.Namespace, kind: str = "hooked", **kwargs: Any):
     from . import load_hf, load_hooked
+    from ._hf import as_dtype
 
-    opts = {"dtype": _dtype(getattr(args, "dtype", "float32")), "expect_lnfree": not getattr(args, "baseline", False)}
+    opts = {"dtype": as_dtype(getattr(args, "dtype", "float32")),
+            "expect_lnfree": not getattr(args, "baseline", False)}
     opts.update(kwargs)
     return load_hf(args.src, **opts) if kind == "hf" else load_hooked(args.src, **opts)
 
@@ -112,46 +85,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backends() -> list[str]:
-    from .backends.tl import has_hooked_transformer
-
-    return ["hf", "hooked", "bridge", "nnsight", "unified"] if has_hooked_transformer() else \
-        ["hf", "bridge", "nnsight", "unified"]
-
-
-def verify_all(src: Any, dtype: Any, expect_lnfree: bool = True, quiet: bool = False) -> list:
-    """Load ``src`` through every available backend and verify each (see :func:`lnfree_interp.verify`)."""
-    from . import load_hf, load_hooked, load_nnsight, load_unified, verify
-
-    loaders = {"hf": lambda **kw: load_hf(src, **kw), "nnsight": lambda **kw: load_nnsight(src, **kw),
-               "hooked": lambda **kw: load_hooked(src, backend="hooked", **kw),
-               "bridge": lambda **kw: load_hooked(src, backend="bridge", **kw),
-               "unified": lambda **kw: load_unified(src, **kw)}
-    results = []
-    for name in _backends():
-        result = verify(loaders[name](dtype=dtype, expect_lnfree=expect_lnfree), src)
-        results.append(result)
-        if not quiet:
-            print(f"  {result}")
-    return results
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ._hf import as_dtype
     from .checkpoints import inspect_checkpoint
+    from .demo import verify_all
 
     info = inspect_checkpoint(args.src)
     print(f"{info.source}: {info.encoding} ({'LN-free' if info.lnfree else 'with LayerNorm'}); "
-          f"reference: unfolded checkpoint in float64, hacked LNs written out")
-    results = verify_all(args.src, _dtype(args.dtype), expect_lnfree=not args.baseline)
+          "reference: unfolded checkpoint in float64, "
+          + ("hacked LNs written out" if info.lnfree else "its real LayerNorms kept"))
+    results = verify_all(args.src, as_dtype(args.dtype), expect_lnfree=not args.baseline)
     failed = [r for r in results if not r.passed]
     print("all backends within tolerance" if not failed else f"{len(failed)} backend(s) above tolerance")
     return 1 if failed else 0
 
 
-def _write(result: Any, out: Path | None, stem: str) -> None:
+def _write(result: Any, out: Path | None, stem: str, title: str, html: bool) -> None:
+    """``result``'s figure as ``out/stem.png`` (and a self-contained ``out/stem.html`` with --html)."""
     if out is not None:
-        for path in result.save(out / stem):
+        for path in result.save(out / stem, title=title, units="logits", html=html):
             print(f"  wrote {path}")
+
+
+def _prompts_title(prompts: list[str], width: int = 60) -> str:
+    """``'first prompt'`` (and ``N more, mean``) for a figure title."""
+    from .figures import shorten
+
+    more = f" and {len(prompts) - 1} more (mean)" if len(prompts) > 1 else ""
+    return shorten(prompts[0], width) + more
 
 
 def cmd_dla(args: argparse.Namespace) -> int:
@@ -159,13 +120,18 @@ def cmd_dla(args: argparse.Namespace) -> int:
 
     out = _out_dir(args.out)
     model = _load(args)
-    dla = direct_logit_attribution(model, [_text(p) for p in args.prompt], _token(args.answer),
-                                   _token(args.wrong), by=args.by, top_k=args.top_k)
+    prompts = [str(_text(p)) for p in args.prompt]
+    dla = direct_logit_attribution(model, prompts, _token(args.answer), _token(args.wrong), by=args.by,
+                                   top_k=args.top_k)
     what = f"logit[{args.answer!r}]" + (f" - logit[{args.wrong!r}]" if args.wrong else "")
-    print(f"{what}: model {dla.metric.mean():+.4f}, components + bias {dla.total().mean():+.4f} "
-          f"({'exact: LN-free' if dla.exact else 'approximate: ' + dla.note})")
+    exactness = "exact: LN-free" if dla.exact else "approximate: " + dla.note
+    mean = " (mean over prompts)" if len(prompts) > 1 else ""
+    print(f"{what} in logits{mean}: model {dla.metric.mean():+.4f}, components + bias {dla.total().mean():+.4f} "
+          f"({exactness})")
     print(_table(dla.top(args.top)))
-    _write(dla, out, "dla")
+    title = (f"DLA of {what} on {_prompts_title(prompts)}\n"
+             f"{args.src} ({'exact: LN-free' if dla.exact else 'approximate: with LayerNorm'})")
+    _write(dla, out, "dla", title, args.html)
     return 0
 
 
@@ -177,30 +143,31 @@ def cmd_patch(args: argparse.Namespace) -> int:
     if len(args.clean) != len(args.corrupted):
         raise LNFreeError(f"{len(args.clean)} --clean prompts but {len(args.corrupted)} --corrupted.")
     metric = logit_diff(_token(args.answer), _token(args.wrong))
-    clean, corrupted = [_text(p) for p in args.clean], [_text(p) for p in args.corrupted]
+    clean, corrupted = [str(_text(p)) for p in args.clean], [str(_text(p)) for p in args.corrupted]
     atp = attribution_patching(model, clean, corrupted, metric, nodes=args.nodes, per_position=False)
     act = activation_patching(model, clean, corrupted, metric, nodes=args.nodes)
     cmp = compare_attribution(atp, act)
-    print(f"metric clean {atp.extra['metric_clean'].mean():+.4f}, "
+    what = f"logit[{args.answer!r}] - logit[{args.wrong!r}]"
+    pairs = f"{len(clean)} prompt pair{'s' if len(clean) > 1 else ''}"
+    print(f"metric {what} in logits, mean over {pairs}: clean {atp.extra['metric_clean'].mean():+.4f}, "
           f"corrupted {atp.extra['metric_corrupted'].mean():+.4f}")
+    print(f"attribution patching (a, estimate) vs activation patching (b, reference), {args.nodes} nodes:")
     print(cmp)
+    assert atp.direct is not None  # attribution_patching always splits direct / indirect
     top = atp.top(args.top).rename(columns={"mean": "atp"})
-    top["activation_patching"] = [float(act[c].mean()) for c in top["component"]]
     top["atp_direct"] = [float(atp.direct[atp.labels.index(c)].mean()) for c in top["component"]]
+    top["activation_patching"] = [float(act[c].mean()) for c in top["component"]]
+    print(f"largest {len(top)} by |AtP| (logits, mean over {pairs}):")
     print(_table(top[["component", "atp", "atp_direct", "activation_patching"]]))
-    _write(cmp, out, "atp_vs_activation_patching")
+    title = (f"AtP vs activation patching per {args.nodes}: {args.src}\n{pairs}, e.g. {_prompts_title(clean, 40)}"
+             f"\nmetric {what}")
+    _write(cmp, out, "atp_vs_activation_patching", title, args.html)
     return 0
-
-
-def heldout_sample() -> str:
-    """The held-out tiny-shakespeare text shipped with the embedded models."""
-    from .checkpoints import EMBEDDED_DIR
-
-    return (EMBEDDED_DIR / "heldout.txt").read_text()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate_loss
+    from .demo import heldout_sample
 
     model = _load(args, kind="hf")
     text = Path(args.text).read_text() if args.text else heldout_sample()
@@ -232,7 +199,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(_out_dir(args.out))
+    out = _out_dir(args.out)
+    run_demo(out if out is not None else Path("lnfree-demo"))
     return 0
 
 
@@ -240,8 +208,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lnfree-interp", description=__doc__.replace("``", ""),
+    from . import __version__
+    from ._hf import DTYPES
+
+    parser = argparse.ArgumentParser(prog="lnfree-interp", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -255,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--baseline", action="store_true",
                        help="allow a checkpoint with real LayerNorm (an LN baseline)")
         if dtype:
-            p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+            p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                           help="float64 for exactness to ~1e-15; float16/bfloat16 halve memory (default float32)")
 
     add("list", cmd_list, "list the known checkpoints and their reported losses")
     p = add("info", cmd_info, "encoding, sizes and registry entry of a checkpoint (reads config + LN weights)")
@@ -271,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="head", choices=["head", "layer", "neuron"])
     p.add_argument("--top", type=int, default=10, help="rows of the table")
     p.add_argument("--top-k", type=int, default=None, help="neurons kept with --by neuron")
-    p.add_argument("--out", help="directory for dla.png (heatmap) and dla.html (interactive)")
+    p.add_argument("--out", help="directory for dla.png (heatmap: layers x heads and MLPs, in logits)")
+    p.add_argument("--html", action="store_true", help="also write dla.html (interactive, self-contained)")
     p = add("patch", cmd_patch, "attribution patching vs activation patching on prompt pairs")
     src(p)
     p.add_argument("--clean", action="append", required=True, help="clean prompt (repeat for a batch)")
@@ -280,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrong", required=True, help="wrong-answer token (string or id:N)")
     p.add_argument("--nodes", default="head", choices=["head", "attn_out", "mlp_out", "neuron", "resid_pre"])
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--out", help="directory for the scatter plot (PNG and HTML)")
+    p.add_argument("--out", help="directory for the scatter plot atp_vs_activation_patching.png")
+    p.add_argument("--html", action="store_true", help="also write the scatter plot as self-contained HTML")
     p = add("eval", cmd_eval, "held-out loss: mean, median and percentile ranges (nats)")
     src(p)
     p.add_argument("--text", help="text file (default: the shipped held-out tiny-shakespeare sample)")

@@ -6,13 +6,15 @@
    (the paper: 0% vs 49% on GPT-2 small);
 4. attribution patching vs activation patching on IOI-style prompt pairs.
 
-Figures (PNG + interactive HTML) go to the output folder.
+Figures go to the output folder: one PNG per figure and ``figures.html``, all of them interactive in
+one self-contained page (one copy of plotly.js inside; opens offline).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +29,37 @@ def _step(i: int, n: int, what: str) -> float:
 
 def _done(t0: float) -> None:
     print(f"      ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def heldout_sample() -> str:
+    """The held-out tiny-shakespeare text shipped with the embedded models."""
+    from .checkpoints import EMBEDDED_DIR
+
+    return (EMBEDDED_DIR / "heldout.txt").read_text()
+
+
+def _backends() -> list[str]:
+    from .backends.tl import has_hooked_transformer
+
+    names = ["hf", "hooked", "bridge", "nnsight", "unified"]
+    return names if has_hooked_transformer() else [n for n in names if n != "hooked"]
+
+
+def verify_all(src: Any, dtype: Any, expect_lnfree: bool = True, quiet: bool = False) -> list:
+    """Load ``src`` through every available backend and verify each (see :func:`lnfree_interp.verify`)."""
+    from . import load_hf, load_hooked, load_nnsight, load_unified, verify
+
+    loaders = {"hf": lambda **kw: load_hf(src, **kw), "nnsight": lambda **kw: load_nnsight(src, **kw),
+               "hooked": lambda **kw: load_hooked(src, backend="hooked", **kw),
+               "bridge": lambda **kw: load_hooked(src, backend="bridge", **kw),
+               "unified": lambda **kw: load_unified(src, **kw)}
+    results = []
+    for name in _backends():
+        result = verify(loaders[name](dtype=dtype, expect_lnfree=expect_lnfree), src)
+        results.append(result)
+        if not quiet:
+            print(f"  {result}")
+    return results
 
 
 def _top2(model, prompt: str) -> tuple[str, str]:
@@ -46,7 +79,6 @@ def heldout_prompts(model, n: int = 24, length: int = 48, seed: int = 0):
     """``n`` windows of the shipped held-out text, with the true next token as the answer and the
     model's most likely *other* token as the wrong answer."""
     from .backends import get_backend
-    from .cli import heldout_sample
 
     backend = get_backend(model)
     ids = torch.tensor(model.tokenizer(heldout_sample(), add_special_tokens=False)["input_ids"])
@@ -62,15 +94,25 @@ def heldout_prompts(model, n: int = 24, length: int = 48, seed: int = 0):
 
 def run_demo(out: Path) -> dict:
     """Run the demo, print its findings, write figures to ``out``; returns the headline numbers."""
-    from . import (activation_patching, attribution_patching, compare_attribution, compare_dla_direct_effect,
-                   direct_logit_attribution, ioi_prompts, load_hooked, logit_diff)
-    from .cli import verify_all
+    from . import (
+        __version__,
+        activation_patching,
+        attribution_patching,
+        compare_attribution,
+        compare_dla_direct_effect,
+        direct_logit_attribution,
+        ioi_prompts,
+        load_hooked,
+        logit_diff,
+    )
+    from .figures import save_html, shorten
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = 5
     t_all = time.perf_counter()
-    print("lnfree_interp demo: LN-free GPT-2 interpretability on the embedded tiny-shakespeare trio "
+    print(f"lnfree_interp {__version__} demo: LN-free GPT-2 interpretability on the embedded tiny-shakespeare "
+          "trio "
           "(4 layers x 4 heads, trained on CPU; see lnfree_interp/models/*/README.md)")
 
     t = _step(1, n, f"Exactness: {LNFREE} through every backend vs the unfolded float64 reference")
@@ -82,7 +124,7 @@ def run_demo(out: Path) -> dict:
     base = load_hooked(LN, expect_lnfree=False)
     answer, wrong = _top2(free, PROMPT)
     print(f"      LN-free model's top two next tokens: {answer!r} vs {wrong!r}; metric = logit difference")
-    figures = []
+    figures, interactive = [], []
     for name, model in ((LNFREE, free), (LN, base)):
         dla = direct_logit_attribution(model, PROMPT, answer, wrong)
         kind = "exact" if dla.exact else "approximate (LayerNorm scale frozen)"
@@ -90,20 +132,25 @@ def run_demo(out: Path) -> dict:
               f"DLA {kind}; top components:")
         top = dla.top(5)
         print("        " + ", ".join(f"{c} {v:+.3f}" for c, v in zip(top["component"], top["mean"])))
-        figures += dla.save(out / f"dla_{name}", title=f"DLA {answer!r} - {wrong!r}: {name}")
+        title = (f"DLA of logit[{answer!r}] - logit[{wrong!r}] on {shorten(PROMPT)}\n"
+                 f"{name} ({'exact: LN-free' if dla.exact else 'approximate: with LayerNorm'})")
+        figures += dla.save(out / f"dla_{name}", title=title, units="logits")
+        interactive.append(dla.plot(title, units="logits"))
     _done(t)
 
     t = _step(3, n, "DLA vs the true direct effect (zero-ablation path patching), per head, on held-out text")
     windows, answers, wrongs = heldout_prompts(free)
     nmaes = {}
-    for name, model in ((LNFREE, free), (LN, base)):
+    for name in (LNFREE, LN):
         model64 = load_hooked(name, dtype=torch.float64, expect_lnfree=name == LNFREE)
         cmp = compare_dla_direct_effect(model64, windows, answers, wrongs)
         nmaes[name] = cmp.nmae
         print(f"      {name:26s} NMAE {cmp.nmae:10.3g} %  (95% CI {cmp.ci[0]:.3g}-{cmp.ci[1]:.3g} %), "
               f"max |DLA - DE| {cmp.stats['max_abs_error']:.2g} logits")
-        cmp.title = f"DLA vs direct effect: {name} (NMAE {cmp.nmae:.3g}%)"
-        figures += cmp.save(out / f"dla_vs_direct_effect_{name}")
+        cmp.title = (f"DLA vs direct effect per head: {name}\n{len(windows)} held-out windows of "
+                     f"{windows.shape[1]} tokens; metric logit[true next] - logit[top other]")
+        figures += cmp.save(out / f"dla_vs_direct_effect_{name}", units="logits")
+        interactive.append(cmp.plot(units="logits"))
     print("      the paper (GPT-2 small): 0% LN-free vs 49% with LayerNorm")
     _done(t)
 
@@ -119,9 +166,13 @@ def run_demo(out: Path) -> dict:
         patching[name] = cmp.stats
         print(f"      {name:26s} Pearson {cmp.stats['pearson']:.3f}, Spearman {cmp.stats['spearman']:.3f}, "
               f"NMAE {cmp.nmae:.3g} %, sign agreement {cmp.stats['sign_agreement']:.2f}")
-        cmp.title = f"AtP vs activation patching: {name}"
-        figures += cmp.save(out / f"atp_vs_activation_patching_{name}")
+        cmp.title = (f"AtP vs activation patching per head: {name}\n{len(pairs.clean)} IOI pairs, e.g. "
+                     f"{shorten(pairs.clean[0], 40)}\nmetric logit[IO] - logit[S]")
+        figures += cmp.save(out / f"atp_vs_activation_patching_{name}", units="logits")
+        interactive.append(cmp.plot(units="logits"))
     _done(t)
+
+    figures.append(save_html(interactive, out / "figures.html", title="lnfree_interp demo figures"))
 
     t = _step(5, n, "Summary")
     worst = max(r.max_abs_error for r in results)
