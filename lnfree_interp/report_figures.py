@@ -131,13 +131,14 @@ def scatter_figure(labels: list[str], results: dict[str, dict[str, Any]], key: s
     for ax, m in zip(axes, labels):
         c = results[m][key]
         a, b = c.a.double().numpy(), c.b.double().numpy()
-        ax.scatter(b, a, s=8, c=[-1 if x is None else x for x in c.layers], cmap="viridis")
+        sc = ax.scatter(b, a, s=8, c=[-1 if x is None else x for x in c.layers], cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="layer")
         lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
         ax.plot([lo, hi], [lo, hi], "--", color="grey", lw=1)
         ax.set_xlabel(c.names[1])
         ax.set_ylabel(c.names[0])
         ax.set_title(f"{m}\nNMAE {c.nmae:.3g}%", fontsize=8)
-    fig.suptitle(title + " (colour: layer)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
