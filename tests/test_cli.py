@@ -57,9 +57,10 @@ def test_errors_are_one_line_with_exit_code_1(args, message):
 
 def test_dla_writes_table_and_figures(tmp_path):
     res = run("dla", "tiny-shakespeare-lnfree", "--prompt", "ROMEO:\nI will not", "--answer", " be",
-              "--wrong", " go", "--out", str(tmp_path))
+              "--wrong", " go", "--out", str(tmp_path), "--html")
     assert res.returncode == 0, res.stderr
     assert "exact: LN-free" in res.stdout and "component" in res.stdout
+    assert "std" not in res.stdout.splitlines()[1]  # one prompt: no std column (it would be all zeros)
     assert (tmp_path / "dla.png").stat().st_size > 1000 and (tmp_path / "dla.html").exists()
     from transformers import AutoTokenizer
 
@@ -95,12 +96,48 @@ def test_demo_runs_and_renders_figures(tmp_path):
 
     res = run("demo", "--out", str(tmp_path / "demo"))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "[5/5] Summary" in res.stdout and "LN-free" in res.stdout
+    import re
+
+    assert re.search(r"\[(\d+)/\1\] Summary", res.stdout) and "LN-free" in res.stdout
     pngs = sorted((tmp_path / "demo").glob("*.png"))
-    assert len(pngs) == 6
+    assert len(pngs) >= 6 and {"dla_tiny-shakespeare-lnfree.png", "dla_tiny-shakespeare-vanilla.png"} <= {
+        p.name for p in pngs}
     for png in pngs:
         img = mpimg.imread(png)
         assert img.ndim == 3 and img.shape[0] >= 250 and img.shape[1] >= 350, (png.name, img.shape)
         assert img[..., :3].std() > 0.05  # not a blank canvas
-    assert len(list((tmp_path / "demo").glob("*.html"))) == 6
-    assert (tmp_path / "demo" / "plotly.min.js").exists()  # the HTML figures open offline
+    # one self-contained interactive page with all the figures: a single copy of plotly.js, opens offline
+    assert [p.name for p in (tmp_path / "demo").glob("*.html")] == ["figures.html"]
+    assert not list((tmp_path / "demo").glob("*.js"))
+    page = (tmp_path / "demo" / "figures.html").read_text()
+    assert page.count("<script src=") == 0 and page.count('class="plotly-graph-div"') >= 6
+    assert page.count("* plotly.js v") == 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_dtypes(dtype):
+    """--dtype takes every dtype of the library's one table (lnfree_interp._hf.DTYPES)."""
+    res = run("dla", "tiny-shakespeare-lnfree", "--dtype", dtype, "--prompt", "ROMEO:\nI will not", "--answer",
+              " be", "--wrong", " go", "--top", "3")
+    assert res.returncode == 0, res.stderr
+    assert "components + bias" in res.stdout and "exact" in res.stdout
+
+
+def test_dtype_choices_come_from_the_one_table():
+    from lnfree_interp._hf import DTYPES
+
+    res = run("verify", "--help")
+    assert res.returncode == 0 and all(name in res.stdout for name in DTYPES)
+    import lnfree_interp.cli as cli
+
+    assert not hasattr(cli, "_dtype") and not hasattr(cli, "_Step") and not hasattr(cli, "_Timer")
+
+
+def test_patch_prints_one_consistent_figure_set():
+    res = run("patch", "tiny-shakespeare-lnfree", "--clean", "When Romeo and Juliet went, Juliet gave it to",
+              "--corrupted", "When Romeo and Juliet went, Henry gave it to", "--answer", " Romeo", "--wrong",
+              " Juliet")
+    assert res.returncode == 0, res.stderr
+    assert "NMAE" in res.stdout and "% (no CI from one prompt) = 100 * mean|a - b| / mean|b|" in res.stdout
+    assert "full-restoration effect" in res.stdout
+    assert "normalised_mae" not in res.stdout and "nmae=" not in res.stdout
