@@ -254,3 +254,27 @@ def test_compare_attribution_on_edges(models):
     assert per.loc["k", "max_abs_error"] == pytest.approx((eap.values[idx] - ep.values[idx]).abs().max().item())
     with pytest.raises(LNFreeError, match="first"):
         L.compare_attribution(ep, eap)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_reader_inputs_are_the_sum_of_their_writers(models, loader):
+    """LN-free: every reader's input (resid_pre of a layer for q/k/v, resid_mid for the MLP, the final residual
+    for the logits) is exactly the sum of the writers before it plus the constant attention biases (1e-10)."""
+    from lnfree_interp.backends import get_backend
+    from lnfree_interp.graph import writer_hooks, writer_outputs
+
+    backend = get_backend(load(loader, models["schaeff"], dtype=torch.float64))
+    tokens, _ = _pair(models["schaeff"].config.vocab_size)
+    L_ = backend.n_layers
+    names = writer_hooks(L_) + [f"blocks.{x}.hook_resid_{s}" for x in range(L_) for s in ("pre", "mid", "post")]
+    acts = backend.run(tokens, None, capture=names).acts
+    outs = writer_outputs(backend, acts)  # [W, B, P, d] in graph order
+    w, H = backend.weights(), backend.n_heads
+    total = outs[0].clone()
+    for layer in range(L_):
+        assert (total - acts[f"blocks.{layer}.hook_resid_pre"]).abs().max() <= 1e-10
+        first = 1 + layer * (H + 1)
+        total = total + outs[first:first + H].sum(0) + w.b_O[layer]
+        assert (total - acts[f"blocks.{layer}.hook_resid_mid"]).abs().max() <= 1e-10
+        total = total + outs[first + H]
+        assert (total - acts[f"blocks.{layer}.hook_resid_post"]).abs().max() <= 1e-10
