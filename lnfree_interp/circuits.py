@@ -142,10 +142,9 @@ def edge_attribution(
         for layer in [*range(L), None]:
             g = sum(reader_grads(backend, run.acts, run.grads, layer) for run in runs) / len(runs)
             start, stop = (R - 1, R) if layer is None else graph.reader_slice(layer)
-            if per_position:
-                dense[:, start:stop] = torch.einsum("wbpd,rbpd->wrpb", delta, g)
-            else:
-                dense[:, start:stop] = torch.einsum("wbpd,rbpd->wrb", delta, g)
+            n = W if layer is None else graph.writers_before(layer, mlp=True)  # only writers that can feed them
+            spec = "wbpd,rbpd->wrpb" if per_position else "wbpd,rbpd->wrb"
+            dense[:n, start:stop] = torch.einsum(spec, delta[:n], g)
         dense[~graph.valid] = 0
         values = dense[graph.edge_index]  # [E, (P,) B]
     linear = bool(getattr(metric, "linear", False))
