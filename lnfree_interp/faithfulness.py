@@ -187,24 +187,25 @@ def faithfulness_curve(
     B = tokens.shape[0]
     wnames = writer_hooks(backend.n_layers)
     with torch.no_grad():
-        clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
         if ablation == "corrupted":
+            # the empty circuit gives every reader its corrupted input, i.e. the corrupted run (tested)
             corr = backend.run(c_tokens, c_mask, capture=wnames, metric=f_corr)
-            ablated = writer_outputs(backend, corr.acts)
+            ablated, m_ablated = writer_outputs(backend, corr.acts), corr.metric
+            m_clean = backend.run(tokens, mask, metric=f_clean).metric
         else:
+            clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
             outs = writer_outputs(backend, clean_run.acts)  # [W, B, P, d]
             weight = mask.to(outs.dtype)[None, :, :, None]
             mean = (outs * weight).sum((1, 2), keepdim=True) / weight.sum()
-            ablated = mean.expand_as(outs).contiguous()
+            ablated, m_clean = mean.expand_as(outs).contiguous(), clean_run.metric
+            empty = torch.zeros(1, *graph.valid.shape, dtype=torch.bool)
+            m_ablated = _evaluate(backend, graph, empty, tokens, mask, f_clean, ablated)[0]
         copies = max(1, batch_size // B)
-        empty = torch.zeros(1, *graph.valid.shape, dtype=torch.bool)
-        m_ablated = _evaluate(backend, graph, empty, tokens, mask, f_clean, ablated)[0]
         metrics = []
         for start in tqdm(range(0, len(masks), copies), desc="circuits", mininterval=1.0,
                           disable=not progress or len(masks) <= copies):
             metrics.append(_evaluate(backend, graph, masks[start:start + copies], tokens, mask, f_clean, ablated))
         metrics_t = torch.cat(metrics)
-    m_clean = clean_run.metric
     denom = float((m_clean - m_ablated).mean())
     faith = [(float(m.mean()) - float(m_ablated.mean())) / denom if denom != 0 else float("nan") for m in metrics_t]
     return {"n_edges": [int(m.sum()) for m in masks], "faithfulness": faith, "metrics": metrics_t,
