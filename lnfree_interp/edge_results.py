@@ -151,14 +151,30 @@ class EdgeResult:
         for e in edges:
             g.add_edge(_node_key(e.writer), _node_key(e.reader), weight=score[e])
         pos = {n: _layout(n, self.n_layers, self.n_heads) for n in g.nodes}
-        fig, ax = plt.subplots(figsize=(max(8, 0.9 * self.n_heads + 4), max(6, 1.2 * self.n_layers + 3)))
+        fig, ax = plt.subplots(figsize=(max(8, 1.3 * self.n_heads + 4), max(6, 1.3 * self.n_layers + 3)))
         biggest = max((abs(v) for v in score.values()), default=1.0) or 1.0
         widths = [0.5 + 4 * abs(g.edges[e]["weight"]) / biggest for e in g.edges]
         colours = ["tab:blue" if g.edges[e]["weight"] >= 0 else "tab:red" for e in g.edges]
         nx.draw_networkx_edges(g, pos, ax=ax, width=widths, edge_color=colours, alpha=0.7, arrows=True,
                                arrowsize=8, connectionstyle="arc3,rad=0.08")
-        nx.draw_networkx_nodes(g, pos, ax=ax, node_size=420, node_color="#eeeeee", edgecolors="#444444")
-        nx.draw_networkx_labels(g, pos, ax=ax, font_size=7)
+        readers_ = [n for n in g.nodes if not Node.parse(n).is_writer]
+        writers_ = [n for n in g.nodes if Node.parse(n).is_writer]
+        nx.draw_networkx_nodes(g, pos, nodelist=writers_, ax=ax, node_size=520, node_color="#e8e8e8",
+                               edgecolors="#444444")
+        nx.draw_networkx_nodes(g, pos, nodelist=readers_, ax=ax, node_size=160, node_color="#fff7d6",
+                               edgecolors="#999999", node_shape="s")
+        nx.draw_networkx_labels(g, pos, labels={n: n for n in writers_}, ax=ax, font_size=7)
+        nx.draw_networkx_labels(g, pos, labels={n: n.split(".")[-1] if "." in n else ("in" if n.endswith("_mlp_in") else n)
+                                                for n in readers_}, ax=ax,
+                                font_size=6)
+        from matplotlib.lines import Line2D
+
+        ax.legend(handles=[Line2D([], [], color="tab:blue", lw=2, label="positive score"),
+                           Line2D([], [], color="tab:red", lw=2, label="negative score"),
+                           Line2D([], [], marker="o", ls="", color="#e8e8e8", mec="#444444", label="writer"),
+                           Line2D([], [], marker="s", ls="", color="#fff7d6", mec="#999999",
+                                  label="reader: q / k / v just above their head; 'in': the MLP input; logits")],
+                  loc="lower left", fontsize=7, frameon=False)
         ax.invert_yaxis()
         ax.set_ylabel("layer (0 at the top)")
         ax.set_title(title or f"Top {len(edges)} edges by |{self.kind} score| (batch mean, metric units; "
@@ -210,15 +226,15 @@ def _node_key(node: Node) -> str:
 def _layout(key: str, n_layers: int, n_heads: int) -> tuple[float, float]:
     node = Node.parse(key)
     if node.kind == "embed":
-        return (n_heads / 2, -1.0)
+        return (0.75 * n_heads, -1.0)
     if node.kind == "logits":
-        return (n_heads / 2, 2.0 * n_layers)
-    offset = {"q": -0.25, "k": 0.0, "v": 0.25}.get(node.kind, 0.0)
+        return (0.75 * n_heads, 2.0 * n_layers)
+    offset = {"q": -0.4, "k": 0.0, "v": 0.4}.get(node.kind, 0.0)
     if node.kind in ("head", "q", "k", "v"):
-        y = 2.0 * node.layer + (0.0 if node.kind == "head" else -0.45)  # type: ignore[operator]
-        return (float(node.head) + offset, y)  # type: ignore[arg-type]
+        y = 2.0 * node.layer + (0.0 if node.kind == "head" else -0.55)  # type: ignore[operator]
+        return (1.5 * float(node.head) + offset, y)  # type: ignore[arg-type]
     y = 2.0 * node.layer + 1.0 + (0.0 if node.kind == "mlp" else -0.45)  # type: ignore[operator]
-    return (n_heads + 0.5, y)
+    return (1.5 * n_heads + 0.5, y)
 
 
 _TL_KINDS = {"embed": "embed", "head": "attn_head_out", "mlp": "mlp_out", "q": "q_input", "k": "k_input",
