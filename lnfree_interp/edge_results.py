@@ -164,9 +164,8 @@ class EdgeResult:
         nx.draw_networkx_nodes(g, pos, nodelist=readers_, ax=ax, node_size=160, node_color="#fff7d6",
                                edgecolors="#999999", node_shape="s")
         nx.draw_networkx_labels(g, pos, labels={n: n for n in writers_}, ax=ax, font_size=7)
-        nx.draw_networkx_labels(g, pos, labels={n: n.split(".")[-1] if "." in n else ("in" if n.endswith("_mlp_in") else n)
-                                                for n in readers_}, ax=ax,
-                                font_size=6)
+        short = {n: n.split(".")[-1] if "." in n else ("in" if n.endswith("_mlp_in") else n) for n in readers_}
+        nx.draw_networkx_labels(g, pos, labels=short, ax=ax, font_size=6)
         from matplotlib.lines import Line2D
 
         ax.legend(handles=[Line2D([], [], color="tab:blue", lw=2, label="positive score"),
