@@ -38,7 +38,7 @@ from .graph import Rebuild, graph_of, reader_grads, reader_hooks, writer_hooks, 
 from .inputs import pair_inputs, prepare_count
 from .metrics import bind_metric
 from .nodes import Edge
-from .streaming import batches, is_loader, run_batches, wants_stream
+from .streaming import is_loader, stream_pairs, wants_stream
 
 Method = Literal["eap", "eap-ig"]
 
@@ -104,12 +104,10 @@ def edge_attribution(
         raise LNFreeError("Edge attribution needs gradients, but torch.inference_mode() is active.")
     backend = get_backend(model)
     if wants_stream(clean, batch_size):
-        parts = batches(backend, clean, batch_size, corrupted=corrupted, mask=attention_mask,
-                        c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
-        return run_batches(lambda p: edge_attribution(
-            model, p["inputs"][0], p["corrupted"][0], p["metric"], method=method, steps=steps,
-            per_position=per_position, attention_mask=p["inputs"][1], corrupted_attention_mask=p["corrupted"][1]),
-            parts, progress, "EAP")
+        return stream_pairs(edge_attribution, model, clean, corrupted, metric, chunk=batch_size,
+                            show_progress=progress, attention_mask=attention_mask,
+                            corrupted_attention_mask=corrupted_attention_mask, method=method, steps=steps,
+                            per_position=per_position)
     graph = graph_of(backend)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
@@ -209,12 +207,9 @@ def edge_patching(
     chosen = graph.edges if edges is None else [Edge.parse(e) for e in edges]
     graph.mask(chosen)  # validates
     if is_loader(clean) or prepare_count(backend, clean) > batch_size:  # stream the prompts
-        parts = batches(backend, clean, batch_size, corrupted=corrupted, mask=attention_mask,
-                        c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
-        return run_batches(lambda p: edge_patching(
-            model, p["inputs"][0], p["corrupted"][0], p["metric"], edges=chosen, batch_size=batch_size,
-            progress=False, attention_mask=p["inputs"][1], corrupted_attention_mask=p["corrupted"][1]),
-            parts, progress, "edge patching")
+        return stream_pairs(edge_patching, model, clean, corrupted, metric, chunk=batch_size, show_progress=progress,
+                            attention_mask=attention_mask, corrupted_attention_mask=corrupted_attention_mask,
+                            edges=chosen, batch_size=batch_size, progress=False)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     B = tokens.shape[0]

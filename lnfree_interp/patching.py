@@ -31,7 +31,7 @@ from .errors import LNFreeError
 from .inputs import pair_inputs, prepare_count
 from .metrics import bind_metric
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
-from .streaming import batches, is_loader, run_batches, wants_stream
+from .streaming import is_loader, stream_pairs, wants_stream
 
 Nodes = Literal["head", "attn_out", "mlp_out", "neuron", "resid_pre"]
 
@@ -109,11 +109,9 @@ def attribution_patching(
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
     if wants_stream(clean, batch_size):
-        parts = batches(backend, clean, batch_size, corrupted=corrupted, mask=attention_mask,
-                        c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
-        return run_batches(lambda p: attribution_patching(
-            model, p["inputs"][0], p["corrupted"][0], p["metric"], nodes=nodes, per_position=per_position,
-            attention_mask=p["inputs"][1], corrupted_attention_mask=p["corrupted"][1]), parts, progress, "AtP")
+        return stream_pairs(attribution_patching, model, clean, corrupted, metric, chunk=batch_size,
+                            show_progress=progress, attention_mask=attention_mask,
+                            corrupted_attention_mask=corrupted_attention_mask, nodes=nodes, per_position=per_position)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     L = backend.n_layers
@@ -211,12 +209,10 @@ def activation_patching(
     wants_stream(clean, batch_size)  # validates
     n_prompts = None if is_loader(clean) else prepare_count(backend, clean, attention_mask)
     if n_prompts is None or n_prompts > batch_size:  # more prompts than rows per pass: stream them
-        parts = batches(backend, clean, batch_size, corrupted=corrupted, mask=attention_mask,
-                        c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
-        return run_batches(lambda p: activation_patching(
-            model, p["inputs"][0], p["corrupted"][0], p["metric"], nodes=nodes, per_position=per_position,
-            positions=positions, attention_mask=p["inputs"][1], corrupted_attention_mask=p["corrupted"][1],
-            batch_size=batch_size, progress=False), parts, progress, "activation patching")
+        return stream_pairs(activation_patching, model, clean, corrupted, metric, chunk=batch_size,
+                            show_progress=progress, attention_mask=attention_mask,
+                            corrupted_attention_mask=corrupted_attention_mask, nodes=nodes, per_position=per_position,
+                            positions=positions, batch_size=batch_size, progress=False)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     batch, seq = tokens.shape
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)

@@ -127,6 +127,22 @@ def run_batches(call: Callable[[dict[str, Any]], Any], parts: Iterator[dict[str,
     return concat(results)
 
 
+def stream_pairs(fn: Callable[..., Any], model: Any, clean: Any, corrupted: Any, metric: Any, *, chunk: int | None,
+                 show_progress: bool, attention_mask: Any = None, corrupted_attention_mask: Any = None,
+                 **kwargs: Any) -> Any:
+    """``fn(model, clean, corrupted, metric, **kwargs)`` (a patching-style function) over batches of ``chunk``
+    prompt pairs (a DataLoader's own batches when ``clean`` is one), joined."""
+    from .backends import get_backend
+
+    parts = batches(get_backend(model), clean, chunk, corrupted=corrupted, mask=attention_mask,
+                    c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
+    def call(p: dict[str, Any]) -> Any:
+        return fn(model, p["inputs"][0], p["corrupted"][0], p["metric"], attention_mask=p["inputs"][1],
+                  corrupted_attention_mask=p["corrupted"][1], **kwargs)
+
+    return run_batches(call, parts, show_progress, getattr(fn, "__name__", "batches"))
+
+
 def to_cpu(result: Any) -> Any:
     """Move a result's tensors to the CPU (in place) so device memory stays flat while streaming."""
     for key, value in vars(result).items():
