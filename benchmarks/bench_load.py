@@ -35,10 +35,23 @@ into it), so the loaded model itself holds ~1.31 x the checkpoint's parameter by
 HookedTransformer also keeps an untied ``W_U``. Memory-mapped safetensors pages the loader touches
 count as resident while mapped.
 
+Streaming goal (issue 13)
+------------------------
+``--shape xl`` (48 layers, d_model 1600, 25 heads, vocab 50257: GPT-2 XL, 1.56 B parameters, 6.2 GB
+in float32) writes the LN-free checkpoint as *sharded* safetensors (``model.safetensors.index.json``,
+2 GB shards, as large checkpoints are stored) and measures our loaders beside plain
+``GPT2LMHeadModel.from_pretrained`` of the same directory (kind ``hf_from_pretrained``). Goals:
+peak extra RSS <= 1.3 x the checkpoint's parameter bytes, and wall time <= 1.5 x that of
+``from_pretrained``. The TL references need their own LayerNorm checkpoint and several copies of
+the weights, so they run only at the small shapes. ``--shape xl`` needs ~13 GB free while it
+writes the checkpoint and ~8 GB per load; run it on a quiet machine.
+
 Usage::
 
-    python benchmarks/bench_load.py            # full (~5 min)
-    python benchmarks/bench_load.py --quick    # tiny checkpoint, 1 subprocess each
+    python benchmarks/bench_load.py                  # GPT-2 small, all loaders (~5 min)
+    python benchmarks/bench_load.py --shape medium   # GPT-2 medium shape
+    python benchmarks/bench_load.py --shape xl       # the issue-13 streaming goal (~10 min, 13 GB)
+    python benchmarks/bench_load.py --quick          # tiny checkpoint, 1 subprocess each
 """
 
 from __future__ import annotations
@@ -55,8 +68,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 GOAL = 2.5
+#: issue 13: peak / checkpoint parameter bytes, and wall time / plain from_pretrained, for the streaming load
+STREAM_GOAL, TIME_GOAL = 1.3, 1.5
+C.SHAPES.setdefault("medium", dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, n_positions=1024))
+C.SHAPES.setdefault("xl", dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, n_positions=1024))
+SHAPE_NAMES = {"tiny": "tiny", "small": "gpt2-small", "medium": "medium", "xl": "xl"}
 #: measurement -> (checkpoint kind, description)
 KINDS = {
+    "hf_from_pretrained": ("lnfree", "plain transformers GPT2LMHeadModel.from_pretrained (same directory)"),
+    "hf_from_pretrained_read": ("lnfree", "from_pretrained + read every weight once (what a first forward does)"),
     "load_hooked": ("lnfree", "lnfree_interp.load_hooked (default backend)"),
     "load_hooked_bridge": ("lnfree", "lnfree_interp.load_hooked(backend='bridge')"),
     "load_hf": ("lnfree", "lnfree_interp.load_hf"),
@@ -69,6 +89,11 @@ KINDS = {
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny checkpoint, 1 subprocess per measurement")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in every measured process (default 1: on a shared 2-core machine, "
+                        "2 OpenMP threads spin against other processes and small ops slow down 30x)")
+    p.add_argument("--shape", choices=list(SHAPE_NAMES), default="small",
+                   help="checkpoint shape (xl: the issue-13 streaming goal; sharded safetensors)")
     p.add_argument("--repeats", type=int, default=None, help="subprocesses per measurement (default 3; quick 1)")
     p.add_argument("--only", nargs="+", choices=list(KINDS), default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -98,6 +123,19 @@ def loader(kind: str):
 
     if kind == "load_hooked":
         return lambda d: L.load_hooked(d)
+    if kind in ("hf_from_pretrained", "hf_from_pretrained_read"):
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        def plain(d):
+            model = GPT2LMHeadModel.from_pretrained(d)
+            if kind == "hf_from_pretrained_read":  # transformers maps the file lazily: page every weight in
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.sum()
+            return model
+
+        return plain
     if kind == "load_hooked_bridge":
         return lambda d: L.load_hooked(d, backend="bridge")
     if kind == "load_hf":
@@ -193,28 +231,53 @@ def train_tokenizer():
                              eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
-def save_checkpoints(root: str, shape: str) -> tuple[dict[str, str], int]:
-    """``{"lnfree": dir, "layernorm": dir}`` for ``shape`` and the checkpoint's parameter bytes."""
+def save_checkpoints(root: str, shape: str, with_layernorm: bool = True) -> tuple[dict[str, str], int]:
+    """``{"lnfree": dir, "layernorm": dir}`` for ``shape`` and the checkpoint's parameter bytes.
+
+    The LN-free checkpoint is written by the library's exporter (``to_schaeff_encoding``) from the
+    random model, converted in place (no extra copy: the XL shape needs two copies at most). Large
+    shapes are sharded (2 GB shards, ``model.safetensors.index.json``)."""
     import gc
+
+    import torch
+
+    from lnfree_interp.removal import FakeLayerNorm, install_fake_layernorms, to_schaeff_encoding
 
     tok = train_tokenizer()
     base = C.random_gpt2(shape)
     nbytes = C.param_bytes(base)
+    shard = "2GB" if nbytes > 2 * 1024**3 else None
     dirs = {}
-    for name, model in (("layernorm", base), ("lnfree", C.hack_lnfree(base))):
-        d = os.path.join(root, f"{shape}-{name}")
-        model.save_pretrained(d)  # safetensors
+    if with_layernorm:
+        d = os.path.join(root, f"{shape}-layernorm")
+        base.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
         tok.save_pretrained(d)
-        dirs[name] = d
-        del model
-    del base
+        dirs["layernorm"] = d
+    model = install_fake_layernorms(base)  # in place
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, FakeLayerNorm):
+            module.running_std.fill_(float(torch.empty(()).uniform_(0.5, 3.0, generator=gen)))
+            module.remove()
+    lnfree = to_schaeff_encoding(model)
+    del model, base
+    gc.collect()
+    d = os.path.join(root, f"{shape}-lnfree")
+    lnfree.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
+    tok.save_pretrained(d)
+    dirs["lnfree"] = d
+    del lnfree
     gc.collect()
     return dirs, nbytes
 
 
+THREADS = [1]
+
+
 def run_child(kind: str, directory: str, warm_dir: str) -> dict:
     env = {**os.environ, "LNFREE_BENCH_NO_REEXEC": "1"}  # already carries the malloc settings
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--dir", directory, "--warm-dir", warm_dir]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--dir", directory, "--warm-dir", warm_dir,
+           "--threads", str(THREADS[0])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -225,25 +288,32 @@ def run_child(kind: str, directory: str, warm_dir: str) -> dict:
 
 def main() -> None:
     args = parse()
-    C.setup()
+    C.setup(threads=args.threads)
+    THREADS[0] = args.threads
     if args.child:
         child(args)
         return
-    shape = "tiny" if args.quick else "gpt2-small"
-    repeats = args.repeats or (1 if args.quick else 3)
-    kinds = args.only or list(KINDS)
+    shape = "tiny" if args.quick else SHAPE_NAMES[args.shape]
+    big = shape in ("medium", "xl")
+    repeats = args.repeats or (1 if args.quick or shape == "xl" else 3)
+    kinds = args.only or [k for k in KINDS if not (big and KINDS[k][0] == "layernorm")]
+    need_ln = any(KINDS[k][0] == "layernorm" for k in kinds)
     C.banner("bench_load: peak memory of loading a checkpoint / its parameter bytes", [
         C.versions(),
         C.load_note() + " at start",
         f"checkpoint: random GPT-2 ({shape}: {C.SHAPES[shape]}), float32 safetensors + tokenizer, "
         "saved LN-free (ours) and with LayerNorm (TL references)",
-        f"{repeats} fresh subprocess(es) per measurement, medians; warm-up load of a tiny checkpoint in each",
+        f"{repeats} fresh subprocess(es) per measurement, medians; warm-up load of a tiny checkpoint in each; "
+        f"torch threads {args.threads}",
         C.calibrate_memory(),
     ])
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lnfree_bench_load_") as root:
-        dirs, nbytes = save_checkpoints(root, shape)
+        dirs, nbytes = save_checkpoints(root, shape, with_layernorm=need_ln)
         warm_dirs, _ = save_checkpoints(root, "tiny") if shape != "tiny" else (dirs, 0)
+        if os.path.exists(os.path.join(dirs["lnfree"], "model.safetensors.index.json")):
+            n_shards = len([f for f in os.listdir(dirs["lnfree"]) if f.endswith(".safetensors")])
+            print(f"LN-free checkpoint: sharded safetensors, {n_shards} shards", flush=True)
         print(f"checkpoint parameter bytes: {nbytes / C.MB:.1f} MB; saved in {time.perf_counter() - t_start:.0f}s",
               flush=True)
         results = {}
@@ -285,11 +355,19 @@ def main() -> None:
           "(covers imports and the warm-up load too, so >= peak)")
     for s in skipped:
         print(f"skipped {s}")
-    summary = [[KINDS[k][1], C.fmt_x(v), f"<= {GOAL}x" if k.startswith("load_") else "reference",
-                C.verdict(v, GOAL) if k.startswith("load_") else ""] for k, v in ratios.items()]
+    times = {k: C.med([r["seconds"] for r in results[k]]) for k in ratios}
+    base_time = times.get("hf_from_pretrained")
+    summary = []
+    for k, v in ratios.items():
+        ours = k.startswith("load_")
+        t_ratio = times[k] / base_time if base_time else float("nan")
+        summary.append([KINDS[k][1], C.fmt_x(v), f"<= {STREAM_GOAL}x" if ours else "reference",
+                        C.verdict(v, STREAM_GOAL) if ours else "", f"{times[k]:.2f}", C.fmt_x(t_ratio),
+                        f"<= {TIME_GOAL}x" if ours else "", C.verdict(t_ratio, TIME_GOAL) if ours else ""])
     print()
-    print(C.table(["loader", "peak / parameter bytes", "goal", "verdict"], summary,
-                  title="=== SUMMARY (bench_load) ==="))
+    print(C.table(["loader", "peak / checkpoint parameter bytes", "goal", "verdict", "load s",
+                   "time / from_pretrained", "goal", "verdict"], summary,
+                  title=f"=== SUMMARY (bench_load, shape {shape}) ==="))
     print(C.load_note() + " at end")
 
 

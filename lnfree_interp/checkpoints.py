@@ -2,8 +2,10 @@
 
 A *source* is a Hub id (read through the normal Hugging Face cache, so it works offline once
 cached), a registry alias, a local directory, or an in-memory ``GPT2LMHeadModel``. Weights are read
-lazily from safetensors (or ``torch.load(weights_only=True)`` for legacy ``.bin`` files); nothing
-from a checkpoint is ever executed (no ``trust_remote_code``).
+lazily, tensor by tensor, from safetensors (single file or sharded with
+``model.safetensors.index.json``; headers checked against the file sizes before anything is read)
+or ``torch.load(weights_only=True, mmap=True)`` for legacy ``.bin`` files; nothing from a checkpoint
+is ever executed (no ``trust_remote_code``).
 """
 
 from __future__ import annotations
@@ -151,29 +153,109 @@ def _hf_key(key: str) -> str:
     return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
 
 
+#: safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file, read tensor by tensor with plain file reads into fresh tensors.
+
+    The header is parsed and checked against the file size when the file is opened, so a
+    truncated or corrupt file fails before any tensor is read. Reads go straight into the tensor
+    that is returned (no memory map: mapped pages would count as the process's resident memory
+    for as long as the map lives, up to the whole checkpoint on top of the model).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        self.base = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if end - start != math.prod(shape) * itemsize or start < 0:
+                raise ValueError(f"tensor {name!r}: {end - start} bytes for shape {list(shape)}")
+            if self.base + end > size:
+                raise ValueError(f"tensor {name!r} ends at byte {self.base + end} but the file has {size} bytes "
+                                 "(truncated)")
+            self.entries[name] = (dtype, shape, start, end)
+        self._file: Any = None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, name: str) -> Tensor:
+        dtype, shape, start, end = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        if end == start:
+            return out
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(self.base + start)
+        got = 0
+        while got < end - start:
+            n = self._file.readinto(buf[got:])
+            if not n:
+                raise LNFreeError(f"{self.path} ended while reading {name!r} (truncated while loading?); "
+                                  "download it again.")
+            got += n
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class _LazyWeights(Mapping):
-    """Read-only mapping over checkpoint files; tensors are read on access."""
+    """Read-only mapping over checkpoint files; tensors are read on access (each read returns a
+    fresh tensor that nothing else holds). ``weight_map`` (from a sharded checkpoint's index) must
+    agree with the files' contents."""
 
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
+    def __init__(self, files: list[Path], weight_map: Mapping[str, str] | None = None):
         self._handles: list[Any] = []
         self._where: dict[str, tuple[Any, str]] = {}
         for f in files:
             try:
                 if f.suffix == ".safetensors":
-                    h = safe_open(str(f), framework="pt")
+                    h = _SafetensorsFile(f)
                     self._handles.append(h)
                     items = [(k, (h, k)) for k in h.keys()]
                 else:
                     sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
                     items = [(k, (sd, k)) for k in sd]
-            except Exception as err:  # safetensors raises its own error type
+            except Exception as err:  # json, OS, safetensors / pickle errors
+                self.close()
                 raise LNFreeError(f"Cannot read weight file {f}: {err}. The file is corrupt or "
                                   "incomplete; download it again.") from err
             for k, where in items:
                 if not _OLD_BUFFERS.search(k):
                     self._where[_hf_key(k)] = where
+        if weight_map:
+            wrong = [k for k, file in weight_map.items() if not _OLD_BUFFERS.search(k) and (
+                _hf_key(k) not in self._where or getattr(self._where[_hf_key(k)][0], "path", Path(file)).name
+                != Path(file).name)]
+            if wrong:
+                self.close()
+                raise LNFreeError(f"The checkpoint index names tensors its shards do not hold where it says "
+                                  f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); the index and "
+                                  "the shards are from different downloads. Download the checkpoint again.")
 
     def __getitem__(self, key: str) -> Tensor:
         try:
@@ -189,6 +271,8 @@ class _LazyWeights(Mapping):
         return len(self._where)
 
     def close(self) -> None:
+        for h in self._handles:
+            h.close()
         self._handles.clear()
         self._where.clear()
 
@@ -222,26 +306,32 @@ def _check_config(config: Any, label: str) -> None:
         arch = getattr(config, "model_type", type(config).__name__)
         raise LNFreeError(f"{label} is a {arch!r} model; lnfree_interp supports GPT-2 "
                           "(GPT2LMHeadModel) checkpoints only.")
-    unsupported = {
-        "scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True, "scale_attn_weights": False,
-    }
-    bad = [k for k, v in unsupported.items() if getattr(config, k, not v) == v]
-    if bad:
-        raise LNFreeError(f"{label} uses GPT-2 options TransformerLens cannot represent: {bad}.")
+    # options that change the computation are checked per backend at load time (_hf.check_variant)
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of a checkpoint directory, and the sharded index's weight map (or None).
+
+    Raises:
+        LNFreeError: an unreadable index, an index naming a missing shard, no weight file.
+    """
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = directory / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (directory / s).exists()]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise LNFreeError(f"{index} is not a valid checkpoint index ({type(err).__name__}: {err}); "
+                                  "download it again.") from err
+            missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
-                raise LNFreeError(f"{directory} is missing weight shards {missing}; download them again.")
-            return [directory / s for s in shards]
+                raise LNFreeError(f"{directory} is missing weight shards {missing} named by {index_name}; "
+                                  "download them again.")
+            return [directory / s for s in shards], weight_map
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).exists():
-            return [directory / name]
+            return [directory / name], None
     raise LNFreeError(f"No weight file in {directory}: expected model.safetensors (or pytorch_model.bin). "
                       "Save the model with model.save_pretrained(directory).")
 
@@ -322,7 +412,7 @@ def resolve(src: SourceLike) -> Source:
         raise LNFreeError(f"{path} holds a {raw.get('model_type', 'unknown')!r} model; lnfree_interp "
                           "supports GPT-2 (GPT2LMHeadModel) checkpoints only.") from err
     _check_config(config, str(path))
-    weights = _LazyWeights(_weight_files(path))
+    weights = _LazyWeights(*_weight_files(path))
     eps = {name: float(config.layer_norm_epsilon) for name in ln_names(config.n_layer)}
     known = known or lookup(text)
     return Source(known.name if known else str(path), config, weights, eps, owned=True, directory=path,

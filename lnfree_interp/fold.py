@@ -32,7 +32,7 @@ Mirrors TransformerLens's ``fold_layer_norm`` / ``center_writing_weights``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +44,11 @@ from .errors import LNFreeError
 HACK_MIN_EPS = 1e6
 #: a hacked LN's weight was scaled by ~sqrt(eps); median|w|/sqrt(eps) below this means it was not.
 HACK_MIN_GAIN = 1e-4
-#: columns folded per step, to bound the float64 scratch memory (the unembedding is the big one).
-_CHUNK = 8192
+#: float64 elements folded per step (a block of whole columns), to bound the scratch memory and
+#: keep it in cache (2**18 elements = 2 MiB).
+_BLOCK = 1 << 18
+#: dtypes whose range is narrower than float32's for folded weights (overflow checked)
+_NARROW = (torch.float16, torch.bfloat16)
 
 ENCODINGS = ("schaeff", "apollo", "layernorm", "folded")
 
@@ -143,8 +146,11 @@ def _gain(state_dict: Mapping[str, Tensor], name: str, eps: float, hacked: bool)
 
 
 def _cast(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """``t`` in ``dtype``; checked for overflow when the cast narrows the range (float16, or from
+    float64), where a finite input can become inf."""
     out = t.to(dtype)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    narrows = out.is_floating_point() and (dtype in _NARROW or (t.dtype == torch.float64 and dtype != t.dtype))
+    if narrows and not bool(torch.isfinite(out).all()):
         raise LNFreeError(
             f"{name} overflows in {dtype} after folding (largest |value| {t.abs().max().item():.3g}). "
             "Load in float32 or bfloat16 instead."
@@ -153,25 +159,56 @@ def _cast(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
 
 
 def _fold_reader(
-    W: Tensor, c: Tensor | None, g: Tensor, b: Tensor, dtype: torch.dtype, name: str
+    W: Tensor, c: Tensor | None, g: Tensor, b: Tensor, dtype: torch.dtype, name: str,
+    col_scale: Tensor | None = None, chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fold a LN's centring + affine into a reader ``y = x @ W + c`` (``W``: [d_model, out]).
 
-    Returns ``(C diag(g) W, c + b @ W)`` cast to ``dtype``, the weight with the same memory layout
-    as ``W`` (so ``wte.T`` in gives a contiguous ``[d_vocab, d_model]`` back through ``.T``).
-    Computed in float64, ``_CHUNK`` output columns at a time, so the scratch memory stays small for
-    the unembedding.
+    Returns ``(C diag(g) W diag(s), (c + b @ W) * s)`` cast to ``dtype`` (``s = col_scale``, per output
+    column, default 1), the weight with the same memory layout as ``W`` (so ``wte.T`` in gives a
+    contiguous ``[d_vocab, d_model]`` back through ``.T``). Computed in float64, a block of output
+    columns at a time (``chunk`` columns; default: ~``_BLOCK`` float64 elements, so the scratch
+    stays small and in cache), written straight into the returned tensor. Per block:
+    ``C diag(g) W = g * W - (g @ W) / d_model`` (the column means of ``diag(g) W``).
     """
-    d_out = W.shape[1]
+    d_in, d_out = W.shape
+    step = chunk or max(1, _BLOCK // max(d_in, 1))
     W_out = torch.empty_like(W, dtype=dtype)
-    bias = torch.zeros(d_out, dtype=torch.float64, device=W.device) if c is None else c.detach().double()
-    for start in range(0, d_out, _CHUNK):
-        cols = W[:, start : start + _CHUNK].detach().double()
-        bias[start : start + _CHUNK] += b @ cols
-        cols = cols * g[:, None]
-        cols -= cols.mean(dim=0, keepdim=True)
-        W_out[:, start : start + _CHUNK] = _cast(cols, dtype, name)
+    bias = torch.zeros(d_out, dtype=torch.float64, device=W.device) if c is None else c.detach().double().clone()
+    gb = torch.stack([g / d_in, b])  # [2, d_model]: column means of diag(g) W, and b @ W
+    g = g[:, None]
+    # one float64 scratch block, reused (a fresh allocation per block costs page faults)
+    scratch = torch.empty(d_in, min(step, d_out), dtype=torch.float64, device=W.device)
+    sums = torch.empty(2, scratch.shape[1], dtype=torch.float64, device=W.device)
+    for start in range(0, d_out, step):
+        stop = min(start + step, d_out)
+        cols, stats = scratch[:, : stop - start], sums[:, : stop - start]
+        cols.copy_(W[:, start:stop].detach())
+        torch.mm(gb, cols, out=stats)
+        bias[start:stop] += stats[1]
+        cols.mul_(g).sub_(stats[0])
+        if col_scale is not None:
+            cols.mul_(col_scale[start:stop])
+        W_out[:, start:stop] = cols
+    if dtype in _NARROW and not bool(torch.isfinite(W_out).all()):
+        raise LNFreeError(f"{name} overflows in {dtype} after folding. Load in float32 or bfloat16 instead.")
+    if col_scale is not None:
+        bias *= col_scale
     return W_out, _cast(bias, dtype, name)
+
+
+def _scale_reader(W: Tensor, c: Tensor, col_scale: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, Tensor]:
+    """``(W diag(s), c * s)`` in float64, cast to ``dtype`` (a reader without a LayerNorm to fold)."""
+    return _cast(W.detach().double() * col_scale, dtype, name), _cast(c.detach().double() * col_scale, dtype, name)
+
+
+def _q_scale(q: float, d_model: int, device: torch.device) -> Tensor | None:
+    """Per-column factor of ``c_attn`` ([Q | K | V]): ``q`` on the query columns, 1 elsewhere."""
+    if q == 1.0:
+        return None
+    s = torch.ones(3 * d_model, dtype=torch.float64, device=device)
+    s[:d_model] = q
+    return s
 
 
 def fold_state_dict(
@@ -184,6 +221,8 @@ def fold_state_dict(
     center_unembed: bool = False,
     tied_unembed: bool = True,
     copy: bool = True,
+    q_scale: Sequence[float] | None = None,
+    chunk: int | None = None,
 ) -> dict[str, Tensor]:
     """Fold all LayerNorms of a GPT-2 state dict into the weights that read from them.
 
@@ -204,6 +243,17 @@ def fold_state_dict(
         tied_unembed: the unembedding is ``wte`` (GPT-2's tied ``lm_head``); else ``lm_head.weight``.
         copy: copy tensors that would otherwise pass through shared (set when the input belongs to
             the user, so the returned model never aliases it).
+        q_scale: per layer, a factor folded into the query weights and bias (``W_Q``, ``b_Q``): GPT-2
+            attention options that rescale the scores (``scale_attn_weights=False``,
+            ``scale_attn_by_inverse_layer_idx``) become standard attention (``_hf.attention_q_scale``).
+            Default: 1 everywhere.
+        chunk: output columns folded per float64 block (default: ~4 MiB of float64 per block). The
+            result does not depend on it.
+
+    Streaming: tensors are read from ``state_dict`` one at a time, in order, as they are needed (a
+    lazily-read checkpoint is never held whole), and each folded weight is written block by block
+    into the tensor that becomes the model's parameter; the scratch is one source tensor plus one
+    float64 block.
 
     Returns:
         A new state dict for a ``GPT2LMHeadModel`` with an untied ``lm_head`` that has a bias
@@ -220,8 +270,8 @@ def fold_state_dict(
         cast = _cast(t.detach(), dtype, key)
         return cast.clone() if copy and cast.data_ptr() == t.data_ptr() else cast
 
-    def writer(key: str) -> None:
-        t = state_dict[key]
+    def writer(key: str, t: Tensor | None = None) -> None:
+        t = state_dict[key] if t is None else t
         if center_writing_weights:
             t = t.detach().double()
             out[key] = _cast(t - t.mean(dim=-1, keepdim=True), dtype, key)
@@ -230,29 +280,36 @@ def fold_state_dict(
 
     by_name = {ln.name: ln for ln in lns} if lns is not None else {}
 
-    writer("transformer.wte.weight")
+    wte = state_dict["transformer.wte.weight"]  # read once: it is also the tied unembedding
+    writer("transformer.wte.weight", wte)
     writer("transformer.wpe.weight")
     for layer in range(n_layers):
         p = f"transformer.h.{layer}"
         for ln_name, reader in ((f"{p}.ln_1", f"{p}.attn.c_attn"), (f"{p}.ln_2", f"{p}.mlp.c_fc")):
             W, c = state_dict[f"{reader}.weight"], state_dict[f"{reader}.bias"]
+            scale = _q_scale(float(q_scale[layer]), W.shape[0], W.device) if (
+                q_scale is not None and reader.endswith("c_attn")) else None
             if ln_name in by_name:
                 ln = by_name[ln_name]
                 g, b = _gain(state_dict, ln_name, ln.eps, ln.hacked)
-                out[f"{reader}.weight"], out[f"{reader}.bias"] = _fold_reader(W, c, g, b, dtype, reader)
+                out[f"{reader}.weight"], out[f"{reader}.bias"] = _fold_reader(W, c, g, b, dtype, reader, scale, chunk)
+            elif scale is not None:
+                out[f"{reader}.weight"], out[f"{reader}.bias"] = _scale_reader(W, c, scale, dtype, reader)
             else:
                 out[f"{reader}.weight"], out[f"{reader}.bias"] = take(W, reader), take(c, reader)
+            del W, c
         for w in (f"{p}.attn.c_proj", f"{p}.mlp.c_proj"):
             writer(f"{w}.weight")
             writer(f"{w}.bias")
 
     untied = not tied_unembed and "lm_head.weight" in state_dict
-    W_U = (state_dict["lm_head.weight"] if untied else state_dict["transformer.wte.weight"]).T
+    W_U = (state_dict["lm_head.weight"] if untied else wte).T
+    del wte
     b_U = state_dict.get("lm_head.bias")
     if "transformer.ln_f" in by_name:
         ln = by_name["transformer.ln_f"]
         g, b = _gain(state_dict, "transformer.ln_f", ln.eps, ln.hacked)
-        W_U, b_U = _fold_reader(W_U, b_U, g, b, dtype, "lm_head")
+        W_U, b_U = _fold_reader(W_U, b_U, g, b, dtype, "lm_head", None, chunk)
     else:
         W_U = take(W_U, "lm_head.weight")
         b_U = torch.zeros(W_U.shape[1], dtype=dtype, device=W_U.device) if b_U is None else take(b_U, "lm_head.bias")

@@ -120,14 +120,134 @@ def test_legacy_bin_weights_load_with_weights_only(ckpt_dirs, models, tmp_path):
     assert L.verify(L.load_hf(d, dtype=torch.float64)).passed
 
 
-def test_config_with_unsupported_attention_option(ckpt_dirs, tmp_path):
+def test_config_with_unsupported_attention_option(ckpt_dirs, models, tmp_path):
+    """scale_attn_by_inverse_layer_idx (once refused) now loads exactly: the 1/(layer+1) score scale is
+    folded into W_Q, b_Q. Reference: transformers' own float64 computation with the option on."""
+    from .conftest import reference
+
     d = tmp_path / "odd"
     shutil.copytree(ckpt_dirs["schaeff"], d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["scale_attn_by_inverse_layer_idx"] = True
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LNFreeError, match="scale_attn_by_inverse_layer_idx"):
-        L.load_hf(d)
+    from transformers import GPT2LMHeadModel
+
+    native = GPT2LMHeadModel.from_pretrained(d).eval()
+    tokens = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = reference(native)(tokens).logits
+        plain = reference(models["schaeff"])(tokens).logits
+        got = L.load_hf(d, dtype=torch.float64)(tokens).logits
+    assert (plain - ref).abs().max() > 1e-3  # the option changes the logits
+    assert (got - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert L.verify(L.load_hf(d, dtype=torch.float64)).relative_error <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 13: streaming load from sharded / single safetensors and .bin; bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def _sharded(models, tokenizer, tmp_path, name="sharded"):
+    d = tmp_path / name
+    models["schaeff"].save_pretrained(d, max_shard_size="40KB")
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def _open_files():
+    import os
+
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_sharded_safetensors_load_exactly(models, tokenizer, tmp_path):
+    from .conftest import reference
+
+    d = _sharded(models, tokenizer, tmp_path)
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (d / "model.safetensors.index.json").exists()
+    tokens = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = reference(models["schaeff"])(tokens).logits
+        for loader in (L.load_hf, L.load_hooked):
+            got = loader(d, dtype=torch.float64)
+            out = got(tokens)
+            assert (getattr(out, "logits", out) - ref).abs().max() <= 1e-12
+    assert not any(str(s) in _open_files() for s in shards)  # every shard closed after the load
+
+
+def test_sharded_bad_input_is_refused_with_nothing_left_open(models, tokenizer, tmp_path):
+    d = _sharded(models, tokenizer, tmp_path)
+    shards = sorted(d.glob("model-*.safetensors"))
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    before = _open_files()
+
+    # an index naming a missing file
+    bad = tmp_path / "missing"
+    shutil.copytree(d, bad)
+    (bad / shards[1].name).unlink()
+    with pytest.raises(LNFreeError, match="missing weight shards"):
+        L.load_hf(bad)
+
+    # a truncated shard: refused when its header is read, before any tensor is
+    for cut in (10, 7):
+        trunc = tmp_path / f"truncated{cut}"
+        shutil.copytree(d, trunc)
+        data = (trunc / shards[-1].name).read_bytes()
+        (trunc / shards[-1].name).write_bytes(data[: len(data) - 100] if cut == 10 else data[:cut])
+        with pytest.raises(LNFreeError, match="corrupt or incomplete"):
+            L.load_hooked(trunc)
+
+    # an index that disagrees with its shards (a tensor listed in the wrong file)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(d, wrong)
+    key = next(k for k, f in index["weight_map"].items() if f == shards[0].name)
+    index2 = {**index, "weight_map": {**index["weight_map"], key: shards[-1].name}}
+    (wrong / "model.safetensors.index.json").write_text(json.dumps(index2))
+    with pytest.raises(LNFreeError, match="index"):
+        L.load_nnsight(wrong)
+
+    # an unreadable index
+    (wrong / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(LNFreeError, match="not a valid checkpoint index"):
+        L.load_hf(wrong)
+    assert _open_files() <= before  # no file handle left behind by the failed loads
+
+
+def test_single_file_and_bin_load_the_same_model(models, tokenizer, ckpt_dirs, tmp_path):
+    d = _sharded(models, tokenizer, tmp_path)
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(ckpt_dirs["schaeff"] / "config.json", binary)
+    torch.save(models["schaeff"].state_dict(), binary / "pytorch_model.bin")
+    ref = L.load_hf(ckpt_dirs["schaeff"], dtype=torch.float64).state_dict()
+    for other in (d, binary):
+        sd = L.load_hf(other, dtype=torch.float64).state_dict()
+        assert set(sd) == set(ref)
+        assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_safetensors_reader_matches_safetensors_library(ckpt_dirs):
+    """The checkpoint reader (plain file reads, no memory map) returns what safetensors.safe_open does."""
+    from safetensors import safe_open
+
+    from lnfree_interp.checkpoints import _SafetensorsFile
+
+    path = ckpt_dirs["schaeff"] / "model.safetensors"
+    ours = _SafetensorsFile(path)
+    with safe_open(str(path), framework="pt") as lib:
+        assert sorted(ours.keys()) == sorted(lib.keys())
+        for k in lib.keys():
+            a, b = ours.get_tensor(k), lib.get_tensor(k)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    ours.close()
 
 
 def test_sources_that_are_not_checkpoints(models):

@@ -153,3 +153,40 @@ def test_float16_overflow_is_refused(models):
     assert torch.isinf(model.transformer.ln_f.weight.half()).any()
     ok = fold_state_dict(model.state_dict(), 2, lns, dtype=torch.float16)
     assert all(torch.isfinite(v).all() for v in ok.values())
+
+
+def test_chunked_fold_equals_unchunked_and_the_hand_formula(models):
+    """Issue 13: the streaming fold works a block of columns at a time. Blocks of 7 columns (the
+    vocabulary of 330 and every reader split into many blocks, with a ragged last block) give the
+    float64 result of a single block, and both equal the formula written out in one piece."""
+    model = models["schaeff"]
+    small, lns = _fold(model, dtype=torch.float64, chunk=7)
+    whole, _ = _fold(model, dtype=torch.float64, chunk=10**9)
+    default, _ = _fold(model, dtype=torch.float64)
+    assert set(small) == set(whole) == set(default)
+    for k in whole:
+        scale = whole[k].abs().max().clamp(min=1)
+        assert (small[k] - whole[k]).abs().max() <= 1e-15 * scale, k
+        assert (default[k] - whole[k]).abs().max() <= 1e-15 * scale, k
+    # the unembedding by hand: C diag(g) wte^T and b @ wte^T, in one piece
+    ln_f = model.transformer.ln_f
+    g = ln_f.weight.double() / ln_f.eps ** 0.5
+    wte_t = model.transformer.wte.weight.double().T
+    W_U = g[:, None] * wte_t
+    W_U = W_U - W_U.mean(0, keepdim=True)
+    assert (small["lm_head.weight"].T - W_U).abs().max() <= 1e-14 * W_U.abs().max()
+    assert (small["lm_head.bias"] - ln_f.bias.double() @ wte_t).abs().max() <= 1e-13
+
+
+def test_query_scale_is_folded_into_w_q_only(models):
+    """q_scale multiplies the query columns of c_attn (weight and bias) and nothing else."""
+    model = models["schaeff"]
+    plain, _ = _fold(model, dtype=torch.float64)
+    scaled, _ = _fold(model, dtype=torch.float64, q_scale=[2.0, 0.25])
+    d = model.config.n_embd
+    for layer, q in ((0, 2.0), (1, 0.25)):
+        for p in ("weight", "bias"):
+            k = f"transformer.h.{layer}.attn.c_attn.{p}"
+            assert torch.equal(scaled[k][..., :d], plain[k][..., :d] * q)
+            assert torch.equal(scaled[k][..., d:], plain[k][..., d:])
+    assert all(torch.equal(scaled[k], plain[k]) for k in plain if "c_attn" not in k)
