@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-bins", type=int, default=10, help="ECE bins (paper: 10)")
     p.add_argument("--n-boot", type=int, default=1000, help="ECE bootstrap resamples (paper: 10000)")
     p.add_argument("--k-null", type=int, default=None, help="null-space size for entropy neurons")
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--dtype", default="float64", choices=list(DTYPES), help="default float64")
     p.add_argument("--update-readme", metavar="FILE", help="replace the table between the "
                    "<!-- lnfree-compare:start/end --> markers in FILE (e.g. README.md)")
     p = add("demo", cmd_demo, "the paper's headline on the embedded tiny-shakespeare models, offline")

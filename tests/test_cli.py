@@ -126,8 +126,9 @@ def test_half_precision_dtypes(dtype):
 def test_dtype_choices_come_from_the_one_table():
     from lnfree_interp._hf import DTYPES
 
-    res = run("verify", "--help")
-    assert res.returncode == 0 and all(name in res.stdout for name in DTYPES)
+    for command in ("verify", "dla", "patch", "eval", "compare"):
+        res = run(command, "--help")
+        assert res.returncode == 0 and all(name in res.stdout for name in DTYPES), command
     import lnfree_interp.cli as cli
 
     assert not hasattr(cli, "_dtype") and not hasattr(cli, "_Step") and not hasattr(cli, "_Timer")
