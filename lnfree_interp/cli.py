@@ -177,15 +177,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import torch
-
     from .report import EMBEDDED_TRIO, compare_models, update_markdown_block
 
     out = _out_dir(args.out)
     text = Path(args.text).read_text() if args.text else None
     report = compare_models(args.src or list(EMBEDDED_TRIO), text=text, max_tokens=args.max_tokens or None,
                             seq_len=args.seq_len, threshold=args.threshold, n_bins=args.n_bins, n_boot=args.n_boot,
-                            k_null=args.k_null, dtype=torch.float64 if args.dtype == "float64" else torch.float32)
+                            k_null=args.k_null, dtype=args.dtype)
     print(report.to_markdown())
     for path in report.save(out if out is not None else Path("lnfree-report")):
         print(f"  wrote {path}")
