@@ -359,3 +359,32 @@ def test_mean_ablation_of_a_varying_component(models):
             assert (expected - zero).abs().max() > 1e-3  # the mean is not zero: the ablation matters
             checked += 1
     assert checked == ref.n_layers * ref.n_heads
+
+
+@pytest.mark.parametrize("loader", ["hf", "bridge"])
+def test_input_boundaries(loader, models, tokenizer):
+    """The edges of the vocabulary and the context, and string batches padded by the library."""
+    src = models["schaeff"]
+    model = load(loader, src, dtype=torch.float64, tokenizer=tokenizer)
+    V, n_ctx = src.config.vocab_size, src.config.n_positions
+    ok = L.direct_logit_attribution(model, torch.tensor([[0, 3, V - 1]]), 0, V - 1)  # ids 0 and V-1 are valid
+    assert (ok.total() - ok.metric).abs().max() <= TOL
+    with pytest.raises(LNFreeError, match="outside the vocabulary"):
+        L.direct_logit_attribution(model, torch.tensor([[0, 3, V]]), 0)
+    with pytest.raises(LNFreeError, match="outside the vocabulary"):
+        L.direct_logit_attribution(model, torch.tensor([[0, 3, 4]]), V)
+    with pytest.raises(LNFreeError, match="outside the vocabulary"):
+        L.direct_logit_attribution(model, torch.tensor([[0, 3, 4]]), 0, -1)
+    full = torch.randint(0, V, (1, n_ctx), generator=torch.Generator().manual_seed(4))
+    assert L.direct_logit_attribution(model, full, 5, 9).values.shape[1] == 1  # exactly n_ctx tokens
+    with pytest.raises(LNFreeError, match="n_ctx"):
+        L.direct_logit_attribution(model, torch.cat([full, full[:, :1]], 1), 5, 9)
+    # strings of different lengths: padded by the library, each prompt attributed at its own last token
+    texts = ["When Mary and John went to the store, John gave a drink to", "The king is dead"]
+    both = L.direct_logit_attribution(model, texts, " Mary", " John")
+    for b, text in enumerate(texts):
+        alone = L.direct_logit_attribution(model, text, " Mary", " John")
+        assert (both.values[:, b] - alone.values[:, 0]).abs().max() <= TOL
+    batch = tokenizer(texts[1], return_tensors="pt")  # a tokenizer batch (mapping) is accepted as is
+    from_mapping = L.direct_logit_attribution(model, dict(batch), " Mary", " John")
+    assert (from_mapping.values[:, 0] - both.values[:, 1]).abs().max() <= TOL
