@@ -22,6 +22,7 @@ from .dla import compare_dla_direct_effect, direct_effect, direct_logit_attribut
 from .errors import LNFreeError
 from .evaluation import LossReport, evaluate_loss
 from .fold import fold_state_dict
+from .induction import InductionResult, induction_score
 from .ioi import IOIPrompts, ioi_prompts
 from .loaders import Verification, load_hf, load_hooked, load_nnsight, load_unified, verify
 from .metrics import logit_diff, logprob
@@ -45,4 +46,6 @@ __all__ = [
     "entropy_neuron_scores", "neuron_ablation", "null_space", "NeuronAblation", "attention_sinks", "SinkReport",
     "residual_norms", "calibration", "CalibrationReport", "expected_calibration_error", "output_divergence",
     "DivergenceReport", "compare_models", "ModelComparison",
+    # circuits in the embedded models
+    "induction_score", "InductionResult",
 ]

@@ -5,6 +5,8 @@
 3. DLA vs the true direct effect on held-out text: ~0% LN-free, clearly > 0 with LayerNorm
    (the paper: 0% vs 49% on GPT-2 small);
 4. attribution patching vs activation patching on IOI-style prompt pairs.
+5. induction heads of the LN-free model: induction / previous-token scores per head, the best
+   induction head's attention on a repeated sequence, and the earlier heads it composes with.
 
 Figures go to the output folder: one PNG per figure and ``figures.html``, all of them interactive in
 one self-contained page (one copy of plotly.js inside; opens offline).
@@ -92,6 +94,37 @@ def heldout_prompts(model, n: int = 24, length: int = 48, seed: int = 0):
     return windows, answers, logits.argmax(-1).cpu()
 
 
+def induction_step(model, out: Path) -> tuple[list[Path], dict]:
+    """Demo step: the induction score of every head, the best induction head's attention on a repeated
+    sequence, and which earlier heads it composes with (zero-ablating each one in turn; the heads whose
+    removal collapses its score are its previous-token partners). Writes two PNGs; returns
+    ``(paths, numbers)``."""
+    from . import induction_score
+
+    res = induction_score(model)
+    (ind, ind_score), (prev, prev_score) = res.best_induction, res.best_prev_token
+    print(f"      {res.n_seq} x {res.seq_len} random tokens, repeated: NLL {res.first_nll:.2f} nats on the first copy, "
+          f"{res.repeat_nll:.2f} on the repeat (drop {res.nll_drop:.2f})")
+    print(f"      best induction head {ind} (score {ind_score:.2f}); best previous-token head {prev} ({prev_score:.2f})")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    paths = [Path(out) / "induction_scores.png", Path(out) / f"induction_pattern_{ind}.png"]
+    res.plot(f"Induction ({res.n_seq} x {res.seq_len} random tokens, repeated), {LNFREE}\n"
+             f"NLL drop on the repeat {res.nll_drop:.2f} nats").savefig(paths[0])
+    res.plot_pattern(ind).savefig(paths[1])
+    if ind_score < 0.3:
+        print(f"      no induction head in this model (best score {ind_score:.2f} < 0.3): nothing composes")
+        return paths, {"result": res, "ablation": {}, "partners": []}
+    layer, head = (int(x) for x in ind[1:].split("H"))
+    earlier = [(l, h) for l in range(layer) for h in range(res.n_heads)]
+    knocked = {f"L{l}H{h}": float(induction_score(model, n_seq=16, ablate=[f"L{l}H{h}"]).induction[layer, head])
+               for l, h in earlier}
+    partners = sorted(knocked, key=knocked.get)[:2]
+    prev_of = {f"L{l}H{h}": float(res.prev_token[l, h]) for l, h in earlier}
+    print(f"      {ind} composes with: zero-ablating one earlier head at a time, its induction score falls most for "
+          + ", ".join(f"{k} (to {knocked[k]:.2f}; previous-token score {prev_of[k]:.2f})" for k in partners))
+    return paths, {"result": res, "ablation": knocked, "partners": partners}
+
+
 def run_demo(out: Path) -> dict:
     """Run the demo, print its findings, write figures to ``out``; returns the headline numbers."""
     from . import (
@@ -109,7 +142,7 @@ def run_demo(out: Path) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n = 5
+    n = 6
     t_all = time.perf_counter()
     print(f"lnfree_interp {__version__} demo: LN-free GPT-2 interpretability on the embedded tiny-shakespeare "
           "trio "
@@ -172,9 +205,14 @@ def run_demo(out: Path) -> dict:
         interactive.append(cmp.plot(units="logits"))
     _done(t)
 
+    t = _step(5, n, f"Induction heads of {LNFREE}: repeated random tokens; which heads compose")
+    induction_figures, induction = induction_step(free, out)
+    figures += induction_figures
+    _done(t)
+
     figures.append(save_html(interactive, out / "figures.html", title="lnfree_interp demo figures"))
 
-    t = _step(5, n, "Summary")
+    t = _step(6, n, "Summary")
     worst = max(r.max_abs_error for r in results)
     print(f"      exactness: max |logit error| over {len(results)} backends in float64: {worst:.2e}")
     print(f"      DLA error vs direct effect: {nmaes[LNFREE]:.2g} % LN-free, {nmaes[LN]:.3g} % with LayerNorm")
@@ -183,4 +221,4 @@ def run_demo(out: Path) -> dict:
         print(f"        {f.name}")
     _done(t)
     print(f"\ndone in {time.perf_counter() - t_all:.0f} s")
-    return {"verify": results, "nmae": nmaes, "patching": patching, "figures": figures}
+    return {"verify": results, "nmae": nmaes, "patching": patching, "induction": induction, "figures": figures}

@@ -1,7 +1,8 @@
 """Build the embedded tiny-shakespeare trio (see lnfree_interp/models/*/README.md).
 
-    python scripts/build_tiny_models.py            # ~40 min on 2 CPU cores
-    python scripts/build_tiny_models.py --quick    # a minute, for trying the pipeline (not shipped)
+    python scripts/build_tiny_models.py               # ~40 min on 2 CPU cores, progress bars
+    python scripts/build_tiny_models.py --quick       # a few minutes, for trying the pipeline (not shipped)
+    python scripts/build_tiny_models.py --cards-only  # re-measure the shipped models, rewrite the cards
 
 Reads ../shared/data/tinyshakespeare.txt (first 90% of characters train, last 10% held out):
 
@@ -12,14 +13,31 @@ Reads ../shared/data/tinyshakespeare.txt (first 90% of characters train, last 10
 4. ``tiny-shakespeare-lnfree``: (2) with every LayerNorm removed by the paper's procedure
    (:func:`lnfree_interp.removal.remove_layernorm`), saved in the schaeff encoding.
 
-Then measures held-out loss (and a unigram baseline) and writes each model card. CI never runs this.
+Options for issue 9 (induction heads in the trio; NOT yet achieved, see below): ``--mix-phases`` adds
+pre-training phases on the *repeat mix* after the plain-text steps, ``--repeat-share`` puts it into both
+fine-tunes. In the repeat mix a share of the 128-token windows has a span of 8-64 tokens repeated right after
+itself (natural text, the span shuffled, or uniformly random tokens; see :func:`repeat_batches`). With the
+defaults (no mix) the script is the recipe of the shipped trio.
+
+Status (2026-12-02): continuing the shipped ``tiny-shakespeare`` (1000 plain steps) on the repeat mix for
+200 + 160 + 500 steps (lr 1e-3 / 2e-3, share 0.4-0.8, batch 32 / 8) gave no induction at all (repeat-NLL drop
+< 0.05 nats): its attention is nearly uniform (no previous-token head) and it does not leave that plateau in
+that budget. A fresh model with the mix from step 0 is the next thing to try (``/tmp``-style experiment
+in the issue-9 report).
+
+Then measures held-out loss (and a unigram baseline), induction
+(:func:`lnfree_interp.induction_score`) and writes each model card. CI never runs this.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import functools
 import json
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -43,6 +61,118 @@ def train_tokenizer(text: str, vocab_size: int):
     return tok
 
 
+def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: float, vocab: int,
+                   min_span: int = 8, max_copies: int = 2):
+    """Random windows ``[batch_size, seq_len]`` as :func:`lnfree_interp.removal.batches`, with a share
+    of them holding a repeated span (seeded).
+
+    In a chosen window ``w`` a span ``w[P:P+L]`` (``L`` uniform in ``[min_span, seq_len // 2]``, ``P``
+    uniform) is followed by a copy of itself, and the window then continues with the text that followed
+    the span: ``w[:P] + span + span + w[P+L : seq_len-L]``. The span is kept as it is (1/3 of the
+    chosen windows), shuffled (1/3), or replaced by uniformly random token ids (1/3), so the copy can
+    only be predicted by looking back (induction), not from the language; varying ``L`` and ``P``
+    rules out a fixed-offset positional shortcut. With ``max_copies`` > 2 the span appears ``c`` times in a
+    row, ``c`` uniform in ``[2, min(max_copies, seq_len // L)]`` (more induction-predictable tokens per window).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = tokens.numel()
+    while True:
+        starts = torch.randint(0, n - seq_len, (batch_size,), generator=gen)
+        x = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+        chosen = torch.rand(batch_size, generator=gen) < share
+        for i in chosen.nonzero().flatten().tolist():
+            L = int(torch.randint(min_span, seq_len // 2 + 1, (1,), generator=gen))
+            c = 2 if max_copies <= 2 else int(torch.randint(2, min(max_copies, seq_len // L) + 1, (1,), generator=gen))
+            P = int(torch.randint(0, seq_len - c * L + 1, (1,), generator=gen))
+            w = x[i].clone()
+            span = w[P : P + L]
+            kind = int(torch.randint(0, 3, (1,), generator=gen))
+            if kind == 1:
+                span = span[torch.randperm(L, generator=gen)]
+            elif kind == 2:
+                span = torch.randint(1, vocab, (L,), generator=gen)  # id 0 is <|endoftext|>
+            x[i] = torch.cat([w[:P], *[span] * c, w[P + L : seq_len - (c - 1) * L]])
+        yield x
+
+
+@contextlib.contextmanager
+def repeat_mix(share: float, vocab: int, max_copies: int = 2):
+    """Make :func:`lnfree_interp.removal.train_lm` (and so ``remove_layernorm``) draw
+    :func:`repeat_batches` for the duration of the block (it looks ``batches`` up at call time)."""
+    import lnfree_interp.removal as removal
+
+    if share <= 0:  # plain windows, exactly removal.batches
+        yield
+        return
+    original = removal.batches
+    removal.batches = functools.partial(repeat_batches, share=share, vocab=vocab, max_copies=max_copies)
+    try:
+        yield
+    finally:
+        removal.batches = original
+
+
+class InductionFormed(Exception):
+    """Raised by :func:`induction_probe` to end a mix phase early once the repeat-NLL drop is reached."""
+
+
+def induction_probe(model, vocab: int, *, seed: int, every: int, n_seq: int = 8, span: int = 40):
+    """``on_step`` for :func:`train_lm`: every ``every`` steps print the repeat-NLL drop (nats) of
+    ``n_seq`` random spans repeated once (eval mode, then back to training); returns the last drop."""
+    gen = torch.Generator().manual_seed(seed + 123)
+    seqs = torch.randint(1, vocab, (n_seq, span), generator=gen)
+    x = torch.cat([torch.zeros(n_seq, 1, dtype=torch.long), seqs, seqs], dim=1)
+
+    def drop() -> float:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            logp = model(input_ids=x).logits.double().log_softmax(-1)
+        model.train(was)
+        nll = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+        return float(nll[:, 1 : span].mean() - nll[:, span + 1 :].mean())
+
+    def on_step(step: int) -> float | None:
+        if step < 0:
+            return drop()
+        if every and step % every == 0:
+            d = drop()
+            print(f"  step {step}: repeat-NLL drop {d:.2f} nats", flush=True)
+            if on_step.stop_at is not None and d >= on_step.stop_at:
+                on_step.stopped_at = step
+                raise InductionFormed(step)
+        return None
+
+    on_step.stop_at, on_step.stopped_at = None, None
+
+    return on_step
+
+
+def finetune(kind: str, state: dict, config, train_ids, ft_steps: int, schedule, out: Path, args, tok):
+    """One fine-tune of the base (``"vanilla"``: LN kept; ``"lnfree"``: removal schedule), in its own
+    process with 1 thread; saves the model to ``out``; returns ``(kind, minutes)``."""
+    from transformers import GPT2LMHeadModel
+
+    from lnfree_interp.removal import remove_layernorm, save_lnfree, train_lm
+
+    torch.set_num_threads(1)
+    t = time.time()
+    base = GPT2LMHeadModel(config)
+    base.load_state_dict(state)
+    with repeat_mix(args.repeat_share, config.vocab_size):
+        if kind == "vanilla":
+            train_lm(base, train_ids, steps=ft_steps, lr=6e-4, batch_size=args.ft_batch, seq_len=128, seed=args.seed + 1,
+                     desc="vanilla fine-tune", on_step=induction_probe(base, config.vocab_size, seed=args.seed,
+                                                                      every=args.probe_every * 2))
+            base.save_pretrained(out, safe_serialization=True)
+            tok.save_pretrained(out)
+        else:
+            lnfree, _ = remove_layernorm(base, train_ids, schedule=schedule, lr=6e-4, batch_size=args.ft_batch, seq_len=128,
+                                         seed=args.seed + 1)
+            save_lnfree(lnfree, out, tokenizer=tok)
+    return kind, (time.time() - t) / 60
+
+
 def unigram_loss(train_ids: torch.Tensor, heldout_ids: torch.Tensor, vocab: int) -> float:
     """Cross-entropy (nats) of an add-one unigram model fitted on the training tokens."""
     counts = torch.bincount(train_ids, minlength=vocab).double() + 1
@@ -59,11 +189,41 @@ def sample(model, tok, prompt: str, seed: int, n: int = 60) -> str:
     return tok.decode(out[0])
 
 
-def card(name: str, meta: dict, table: list[tuple[str, float, float]], samples: dict[str, str]) -> str:
-    best = min(v for _, v, _ in table)
+MIX_TEXT = ("Data mix (the repeat mix): a share of the 128-token windows holds a span of 8-64 tokens followed by a copy of itself (the window then "
+            "continues with the text that followed the span); the span is the natural text (1/3), the same "
+            "tokens shuffled (1/3) or uniformly random token ids (1/3). Varying span length and place rules "
+            "out a fixed-offset shortcut; the shuffled and random spans can only be predicted by looking "
+            "back: a training signal for induction heads. The other windows are "
+            "plain Tiny Shakespeare.")
+
+
+def card(name: str, meta: dict, table: list[tuple[str, float, float]], ind: dict, samples: dict[str, str]) -> str:
+    vanilla = dict((n, v) for n, v, _ in table)["tiny-shakespeare-vanilla"]
     rows = "\n".join(
-        f"| {n} | {steps} | {v:.4f}" + ("" if abs(v - best) < 1e-12 else f" [+{v - best:.4f}]") + " |"
+        f"| {n} | {steps} | {v:.4f} | " + ("—" if n == "tiny-shakespeare-vanilla" else f"{v - vanilla:+.4f}") + " |"
         for n, v, steps in table)
+    irows = "\n".join(
+        f"| {n} | {r.first_nll:.2f} | {r.repeat_nll:.2f} | {r.nll_drop:.2f} | {r.best_induction[0]} "
+        f"({r.best_induction[1]:.3f}) | {r.best_prev_token[0]} ({r.best_prev_token[1]:.3f}) |"
+        for n, r in ind.items())
+    first = next(iter(ind.values()))
+    r = ind[name]
+    has_induction = ("It contains induction heads (a previous-token head composing with an induction head), see below."
+                     if r.nll_drop >= 3 and r.best_induction[1] >= 0.5 else
+                     f"It has no induction head (repeat-NLL drop {r.nll_drop:.2f} nats, best induction score "
+                     f"{r.best_induction[1]:.2f}), see below.")
+    mixed = bool(meta.get("mix_phases")) or meta.get("repeat_share", 0) > 0
+    mix = f"* {MIX_TEXT}\n" if mixed else ""
+    ft_mix = f", on the repeat mix with share {meta['repeat_share']}" if meta.get("repeat_share", 0) > 0 else ""
+    stopped = "".join(f"; phase {i} stopped at step {n}" for i, n in (meta.get("mix_stopped") or {}).items())
+    phases = ("" if not meta.get("mix_phases") else
+              "; then the repeat mix in phases (steps:peak lr:share of windows:dropout:most copies of the span"
+              "[:batch[:stop once the repeat-NLL drop reaches this]], each a fresh AdamW with warm-up and cosine "
+              f"decay) {meta['mix_phases']}{stopped}")
+    from_base = ("" if not meta.get("from_base") else
+                 " (this build took those steps from the previous trio's `tiny-shakespeare`, built 2026-11-30 by the "
+                 "same code in 30 minutes" + (f", and its first {meta['skip_phases']} mix phase(s) from a checkpoint of "
+                 "an earlier run of this build" if meta.get("skip_phases") else "") + ")")
     what = {
         "tiny-shakespeare": "trained from scratch with LayerNorm (the original).",
         "tiny-shakespeare-vanilla": "`tiny-shakespeare` fine-tuned further with LayerNorm kept, for as many steps "
@@ -76,17 +236,18 @@ def card(name: str, meta: dict, table: list[tuple[str, float, float]], samples: 
 
 A GPT-2-architecture model ({meta['n_layer']} layers, {meta['n_head']} heads, d_model {meta['n_embd']},
 n_ctx {meta['n_positions']}, vocabulary {meta['vocab_size']}) on Tiny Shakespeare, {what}
+{has_induction}
 
 Part of the embedded trio of `lnfree_interp`, built by `scripts/build_tiny_models.py` on
-{meta['built']} ({meta['build_minutes']:.0f} minutes on {meta['threads']} CPU thread{'s' if meta['threads'] > 1 else ''}), seed {meta['seed']}.
+{meta['built']} (all three models: {meta['build_minutes']:.0f} minutes wall, measured, on a shared 2-core CPU: pre-training on {meta['threads']} thread, the two fine-tunes as two 1-thread processes), seed {meta['seed']}.
 
 * Data: `tinyshakespeare.txt` (1,115,394 characters, public domain); first 90% of characters for
   training ({meta['train_tokens']} tokens), last 10% held out ({meta['heldout_tokens']} tokens).
 * Tokenizer: byte-level BPE trained on the training split (HF `tokenizers`), `<|endoftext|>` as BOS/EOS.
-* Pre-training: {meta['pretrain_steps']} AdamW steps, batch {meta['batch_size']} x {meta['seq_len']} tokens,
-  lr {meta['pretrain_lr']}, warm-up then cosine decay, dropout {meta['dropout']}.
-* Fine-tuning (vanilla and LN-free): {meta['ft_steps']} steps, lr {meta['ft_lr']}; removal schedule
-  {meta['schedule']}.
+{mix}* Pre-training: {meta['pretrain_steps']} AdamW steps on plain text, batch {meta['batch_size']} x {meta['seq_len']} tokens,
+  lr {meta['pretrain_lr']}, warm-up then cosine decay, dropout {meta['dropout']}{from_base}{phases}.
+* Fine-tuning (vanilla and LN-free{ft_mix}): {meta['ft_steps']} steps,
+  batch {meta['ft_batch']} x {meta['seq_len']}, lr {meta['ft_lr']}; removal schedule {meta['schedule']}.
 * Vocabulary size: with 4096 tokens, 1.5% of held-out tokens were ones seen fewer than 5 times in
   training (barely trained embeddings); without `ln_f` to normalise them, the LN-free model was
   over-confident there and trailed the vanilla twin by +0.27 nats. At 2048 that share is 0.2%.
@@ -94,17 +255,78 @@ Part of the embedded trio of `lnfree_interp`, built by `scripts/build_tiny_model
 ## Held-out loss
 
 Mean cross-entropy in nats on the held-out 10% ({meta['eval_tokens']} tokens, windows of
-{meta['seq_len']}); in brackets the gap to the best model, as in the paper's Table 1.
+{meta['seq_len']}; plain text, no repeated spans); gap = model minus the vanilla control, as in the
+paper's Table 1.
 
-| Model | FT steps | held-out CE |
-|---|---|---|
+| Model | FT steps | held-out CE | gap vs vanilla |
+|---|---|---|---|
 {rows}
 
 A unigram model scores {meta['unigram_loss']:.4f} nats on the same tokens.
 
+## Induction
+
+`lnfree_interp.induction_score(model)`: {first.n_seq} sequences of BOS + {first.seq_len} distinct token ids
+drawn uniformly from the vocabulary (seed {first.seed}), each followed by an exact copy. NLL in nats per token
+(tokens 2..{first.seq_len} of each copy); the induction score of a head is its mean attention from a token of
+the copy to the token after that token's first occurrence, the previous-token score its mean attention
+to the position before (1 = all attention there).
+
+| Model | first-copy NLL | repeat NLL | drop | best induction head | best previous-token head |
+|---|---|---|---|---|---|
+{irows}
+
 ## Samples (temperature 0.8, top-k 40)
 
 """ + "\n".join(f"**{k}**\n\n```\n{v}\n```\n" for k, v in samples.items())
+
+
+def measure_and_write_cards(args, dirs: dict, meta: dict, t0: float) -> None:
+    """Held-out loss, unigram baseline, induction and samples of the saved models; writes every card."""
+    from transformers import AutoTokenizer
+
+    from lnfree_interp import evaluate_loss, induction_score, load_hf
+
+    tok = AutoTokenizer.from_pretrained(dirs[NAMES[0]])
+    text = args.data.read_text()
+    split = int(len(text) * 0.9)
+    train_ids = torch.tensor(tok(text[:split])["input_ids"])
+    heldout_ids = torch.tensor(tok(text[split:])["input_ids"])
+    seq_len = meta["seq_len"]
+    losses, samples, ind = {}, {}, {}
+    for name in NAMES:
+        model = load_hf(dirs[name], expect_lnfree=name.endswith("lnfree"))
+        losses[name] = evaluate_loss(model, heldout_ids, seq_len=seq_len, batch_size=16)
+        ind[name] = induction_score(model, seed=args.seed)
+        samples[name] = sample(model, tok, "ROMEO:\n", seed=args.seed)
+        print(name, losses[name], ind[name], sep="\n", flush=True)
+    unigram = unigram_loss(train_ids, heldout_ids[: losses[NAMES[0]].n_tokens], len(tok))
+    print(f"unigram baseline {unigram:.4f}")
+    if "build_minutes" not in meta:  # training time + this measuring (t0: start of the build or of this run)
+        meta["build_minutes"] = meta.get("train_minutes", 0) * (not args.full_run) + (time.time() - t0) / 60
+    meta.update(unigram_loss=unigram, eval_tokens=losses[NAMES[0]].n_tokens, train_tokens=train_ids.numel(),
+                heldout_tokens=heldout_ids.numel())
+    steps = {NAMES[0]: 0, NAMES[1]: meta["ft_steps"], NAMES[2]: meta["ft_steps"]}
+    table = [(n, losses[n].mean, steps[n]) for n in NAMES]
+    for name in NAMES:
+        r = ind[name]
+        info = {"ft_steps": steps[name], "heldout_loss": losses[name].mean, "heldout": losses[name].as_dict(),
+                "unigram_loss": unigram, "seed": meta["seed"], "pretrain_steps": meta["pretrain_steps"],
+                "induction": {"first_nll": r.first_nll, "repeat_nll": r.repeat_nll, "nll_drop": r.nll_drop,
+                              "best_induction_head": r.best_induction[0],
+                              "best_induction_score": r.best_induction[1],
+                              "best_prev_token_head": r.best_prev_token[0],
+                              "best_prev_token_score": r.best_prev_token[1]},
+                "build": meta}
+        (dirs[name] / "lnfree_meta.json").write_text(json.dumps(info, indent=2) + "\n")
+        (dirs[name] / "README.md").write_text(card(name, meta, table, ind, samples))
+    gap = losses[NAMES[2]].mean - losses[NAMES[1]].mean
+    print(f"LN-free - vanilla = {gap:+.4f} nats (quality bar: <= +0.10); vanilla CE {losses[NAMES[1]].mean:.4f} "
+          f"(bar <= 4.0791); build {meta['build_minutes']:.1f} min", flush=True)
+    failed = [f"{n}: drop {r.nll_drop:.2f}, best induction {r.best_induction[1]:.3f}" for n, r in ind.items()
+              if not (r.nll_drop >= 3 and r.best_induction[1] >= 0.5)]
+    if not math.isfinite(gap) or gap > 0.10 or losses[NAMES[1]].mean > 4.0791 or failed:
+        raise SystemExit(f"quality bar missed {failed}")
 
 
 def main() -> None:
@@ -112,82 +334,122 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--quick", action="store_true", help="tiny step counts, to try the pipeline")
+    parser.add_argument("--cards-only", action="store_true",
+                        help="no training: re-measure the models in --out and rewrite their cards")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the pre-training (the two fine-tunes run as 2 processes of 1 thread)")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--gap", type=int, default=30, help="steps between LayerNorm removals")
     parser.add_argument("--tail", type=int, default=200, help="steps after the last removal")
+    parser.add_argument("--mix-phases", default="",
+                        help="pre-training with the repeat mix after the plain-text steps: comma-separated phases "
+                             "STEPS:PEAK_LR:SHARE:DROPOUT:MAX_COPIES[:BATCH[:STOP]], each a fresh AdamW with warm-up "
+                             "and cosine decay; STOP ends the phase once the probe's repeat-NLL drop reaches it")
+    parser.add_argument("--ft-batch", type=int, default=32, help="batch size of the two fine-tunes")
+    parser.add_argument("--prior-minutes", type=float, default=0.0,
+                        help="with --skip-phases: wall minutes the skipped phases took, added to the build time")
+    parser.add_argument("--skip-phases", type=int, default=0,
+                        help="with --from-base: the first K mix phases are already in that checkpoint")
+    parser.add_argument("--from-base", type=Path, default=None,
+                        help="skip the plain-text pre-training: start from this saved base (the previous trio's)")
+    parser.add_argument("--probe-every", type=int, default=50, help="print the repeat-NLL drop every N steps")
+    parser.add_argument("--repeat-share", type=float, default=0.0,
+                        help="share of training windows holding a repeated span (see repeat_batches)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick and args.out == OUT:
+        args.out = Path("/tmp/tiny-shakespeare-quick")  # never overwrite the shipped models
+    dirs = {name: args.out / name for name in NAMES}
+    t0 = time.time() - 60 * args.prior_minutes
+    args.full_run = not args.cards_only
+    if args.cards_only:
+        meta = json.loads((dirs[NAMES[0]] / "lnfree_meta.json").read_text())["build"]
+        measure_and_write_cards(args, dirs, meta, t0)
+        return
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lnfree_interp import evaluate_loss, load_hf
     from lnfree_interp.removal import RemovalSchedule, remove_layernorm, save_lnfree, train_lm
 
-    t0 = time.time()
     torch.manual_seed(args.seed)
     text = args.data.read_text()
     split = int(len(text) * 0.9)
-    train_text, heldout_text = text[:split], text[split:]
-    if args.quick:
-        args.pretrain_steps, args.gap, args.tail = 30, 2, 4
+    train_text = text[:split]
+    if args.quick:  # keeps --pretrain-steps if given: try whether induction forms
+        args.gap, args.tail = 2, 4
+        if args.pretrain_steps == parser.get_default("pretrain_steps"):
+            args.pretrain_steps = 30
     tok = train_tokenizer(train_text, args.vocab)
     train_ids = torch.tensor(tok(train_text)["input_ids"])
-    heldout_ids = torch.tensor(tok(heldout_text)["input_ids"])
-    print(f"tokenizer: {len(tok)} tokens; train {train_ids.numel()} tokens, held out {heldout_ids.numel()}")
+    print(f"tokenizer: {len(tok)} tokens; train {train_ids.numel()} tokens", flush=True)
 
     seq_len, batch_size, dropout = 128, 32, 0.1
     config = GPT2Config(vocab_size=len(tok), n_positions=seq_len, n_embd=128, n_layer=4, n_head=4,
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    base = GPT2LMHeadModel(config)
     pre_lr, ft_lr = 2e-3, 6e-4
-    train_lm(base, train_ids, steps=args.pretrain_steps, lr=pre_lr, batch_size=batch_size, seq_len=seq_len,
-             warmup=50, seed=args.seed, desc="pre-training")
-
+    phases = []
+    for ph in filter(None, args.mix_phases.split(",")):
+        f = ph.split(":") + [str(batch_size), "inf"][len(ph.split(":")) - 5:]
+        phases.append((int(f[0]), float(f[1]), float(f[2]), float(f[3]), int(f[4]), int(f[5]), float(f[6])))
     schedule = RemovalSchedule(start=args.gap, gap_ln2=args.gap, gap_ln1=args.gap, gap_lnf=args.gap,
                                tail=args.tail)
     ft_steps = schedule.total_steps(config.n_layer)
-    vanilla = GPT2LMHeadModel(config)
-    vanilla.load_state_dict(base.state_dict())
-    train_lm(vanilla, train_ids, steps=ft_steps, lr=ft_lr, batch_size=batch_size, seq_len=seq_len,
-             seed=args.seed + 1, desc="vanilla fine-tune")
-    lnfree, _ = remove_layernorm(base, train_ids, schedule=schedule, lr=ft_lr, batch_size=batch_size,
-                                 seq_len=seq_len, seed=args.seed + 1)
-
+    base = GPT2LMHeadModel(config)
+    if args.from_base:  # stage 1 done before: the previous plain-text base model
+        loaded = GPT2LMHeadModel.from_pretrained(args.from_base)
+        if [getattr(loaded.config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")] != \
+                [getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")]:
+            raise SystemExit(f"--from-base {args.from_base} has another architecture")
+        base.load_state_dict(loaded.state_dict())
+        print(f"stage 1 (plain pre-training) taken from {args.from_base}", flush=True)
+    else:
+        train_lm(base, train_ids, steps=args.pretrain_steps, lr=pre_lr, batch_size=batch_size, seq_len=seq_len,
+                 warmup=50, seed=args.seed, desc="pre-training (plain text)")
+    probe = induction_probe(base, len(tok), seed=args.seed, every=args.probe_every)
+    stopped = {}
+    for i, (steps, lr, share, p_drop, copies, batch, stop_at) in enumerate(phases):
+        if i < args.skip_phases:
+            print(f"mix phase {i} ({steps} steps, lr {lr}, share {share}) is in --from-base", flush=True)
+            continue
+        for module in base.modules():  # this phase's dropout (the fine-tunes use the config's again)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = p_drop
+        probe.stop_at = None if stop_at == float("inf") else stop_at
+        try:
+            with repeat_mix(share, len(tok), copies):
+                train_lm(base, train_ids, steps=steps, lr=lr, batch_size=batch, seq_len=seq_len,
+                         warmup=50, seed=args.seed + 2 + i, desc=f"pre-training (repeat mix, phase {i})",
+                         on_step=probe)
+        except InductionFormed as e:
+            stopped[i] = e.args[0]
+            base.eval()
+            print(f"mix phase {i} stopped at step {e.args[0]}: repeat-NLL drop >= {stop_at}", flush=True)
+    print(f"pre-training done at {(time.time() - t0) / 60:.1f} min; repeat-NLL drop {probe(-1):.2f} nats",
+          flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    dirs = {name: args.out / name for name in NAMES}
-    for name, model in ((NAMES[0], base), (NAMES[1], vanilla)):
-        model.save_pretrained(dirs[name], safe_serialization=True)
-        tok.save_pretrained(dirs[name])
-    save_lnfree(lnfree, dirs[NAMES[2]], tokenizer=tok)
+    base.save_pretrained(dirs[NAMES[0]], safe_serialization=True)
+    tok.save_pretrained(dirs[NAMES[0]])
+    # the two fine-tunes are independent: one process each, 1 thread each (both cores)
+    jobs = [("vanilla", base.state_dict(), config, train_ids, ft_steps, schedule, dirs[NAMES[1]], args, tok),
+            ("lnfree", base.state_dict(), config, train_ids, ft_steps, schedule, dirs[NAMES[2]], args, tok)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        for kind, minutes in pool.map(finetune, *zip(*jobs)):
+            print(f"{kind} fine-tune done after {minutes:.1f} min (at {(time.time() - t0) / 60:.1f} min)", flush=True)
 
-    losses, samples = {}, {}
-    for name in NAMES:
-        model = load_hf(dirs[name], expect_lnfree=name.endswith("lnfree"))
-        losses[name] = evaluate_loss(model, heldout_ids, seq_len=seq_len, batch_size=16)
-        samples[name] = sample(model, tok, "ROMEO:\n", seed=args.seed)
-        print(name, losses[name])
-    unigram = unigram_loss(train_ids, heldout_ids[: losses[NAMES[0]].n_tokens], len(tok))
-    print(f"unigram baseline {unigram:.4f}")
-
-    meta = dict(config.to_dict(), built=time.strftime("%Y-%m-%d"), build_minutes=(time.time() - t0) / 60,
-                threads=torch.get_num_threads(), seed=args.seed, train_tokens=train_ids.numel(),
-                heldout_tokens=heldout_ids.numel(), eval_tokens=losses[NAMES[0]].n_tokens,
-                pretrain_steps=args.pretrain_steps, batch_size=batch_size, seq_len=seq_len, pretrain_lr=pre_lr,
-                dropout=dropout, ft_steps=ft_steps, ft_lr=ft_lr, unigram_loss=unigram,
+    meta = dict(config.to_dict(), built=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(),
+                seed=args.seed, pretrain_steps=args.pretrain_steps, batch_size=batch_size, seq_len=seq_len, ft_batch=args.ft_batch,
+                pretrain_lr=pre_lr, dropout=dropout, ft_steps=ft_steps, ft_lr=ft_lr, mix_phases=args.mix_phases, mix_stopped=stopped,
+                skip_phases=args.skip_phases, from_base=str(args.from_base) if args.from_base else None,
+                repeat_share=args.repeat_share, train_minutes=(time.time() - t0) / 60,
                 schedule=f"every {args.gap} steps from step {args.gap}, {args.tail} steps after ln_f")
-    steps = {NAMES[0]: 0, NAMES[1]: ft_steps, NAMES[2]: ft_steps}
-    table = [(n, losses[n].mean, steps[n]) for n in NAMES]
-    for name in NAMES:
-        info = {"ft_steps": steps[name], "heldout_loss": losses[name].mean, "heldout": losses[name].as_dict(),
-                "unigram_loss": unigram, "seed": args.seed, "pretrain_steps": args.pretrain_steps}
-        (dirs[name] / "lnfree_meta.json").write_text(json.dumps(info, indent=2) + "\n")
-        (dirs[name] / "README.md").write_text(card(name, meta, table, samples))
-    gap = losses[NAMES[2]].mean - losses[NAMES[1]].mean
-    print(f"LN-free - vanilla = {gap:+.4f} nats (quality bar: <= +0.10); built in {(time.time() - t0) / 60:.1f} min")
-    if not math.isfinite(gap) or gap > 0.10:
-        raise SystemExit("quality bar missed")
+    for name in NAMES:  # so that --cards-only can finish the job if measuring fails
+        (dirs[name] / "lnfree_meta.json").write_text(json.dumps({"build": meta}, indent=2) + "\n")
+    print(f"models saved at {(time.time() - t0) / 60:.1f} min", flush=True)
+    measure_and_write_cards(args, dirs, meta, t0)
 
 
 if __name__ == "__main__":
