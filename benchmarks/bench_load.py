@@ -259,7 +259,14 @@ def save_checkpoints(root: str, shape: str, with_layernorm: bool = True) -> tupl
         if isinstance(module, FakeLayerNorm):
             module.running_std.fill_(float(torch.empty(()).uniform_(0.5, 3.0, generator=gen)))
             module.remove()
-    lnfree = to_schaeff_encoding(model)
+    try:  # the exporter builds a fresh GPT2LMHeadModel and copies the weights in: skip its random init
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        import contextlib
+
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        lnfree = to_schaeff_encoding(model)
     del model, base
     gc.collect()
     d = os.path.join(root, f"{shape}-lnfree")
