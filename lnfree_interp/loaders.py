@@ -482,11 +482,15 @@ def load_unified(
 # verify
 # --------------------------------------------------------------------------------------------
 
-#: pass thresholds of :func:`verify`: max |error| / max |logit| by dtype. float64 and float32: the
-#: fold is exact to a few units of rounding; bfloat16 and float16: about two units of the dtype's own
-#: rounding (2**-7, 2**-10 relative; measured 7.9e-3 and 9.7e-4 on the embedded and random models), so
+#: relative tolerances by dtype for sums of attribution components (``assert_exact`` in
+#: :mod:`lnfree_interp.results` / :mod:`lnfree_interp.patching`): rounding grows with the number of summands.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+#: pass thresholds of :func:`verify`: max |logit error| / max |logit| by dtype. float64 and float32: the
+#: fold is exact to a few units of rounding; bfloat16 and float16: two units of the dtype's own rounding
+#: (2 x 2**-7, 2 x 2**-10 relative; measured 7.9e-3 and 9.7e-4 on the embedded and random models), so
 #: those dtypes pass when the fold adds nothing beyond the dtype's rounding, which is not exactness.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}
+VERIFY_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 * 2.0**-7,
+                    torch.float16: 2 * 2.0**-10}
 
 
 @dataclass(frozen=True)
@@ -498,7 +502,7 @@ class Verification:
     dtype: torch.dtype
     max_abs_error: float  #: max |logits - reference logits| (logits)
     max_abs_logit: float  #: max |reference logits| (logits)
-    tolerance: float  #: relative tolerance for ``dtype`` (:data:`TOLERANCE`)
+    tolerance: float  #: relative tolerance for ``dtype`` (:data:`VERIFY_TOLERANCE`)
     #: bfloat16 only: max |error| of the *unfolded* checkpoint itself computed in bfloat16 (logits), the
     #: floor set by the dtype; ``None`` otherwise (float16 cannot run the hack: its 1e6 weights overflow)
     dtype_floor_error: float | None = None
@@ -543,7 +547,7 @@ def verify(model: Any, src: SourceLike | None = None, *, tokens: Any = None, see
 
     Returns:
         :class:`Verification`: the relative error (max |logit error| / max |logit|) and whether it is
-        within the dtype's relative tolerance (:data:`TOLERANCE`: float64 1e-12, float32 1e-5,
+        within the dtype's relative tolerance (:data:`VERIFY_TOLERANCE`: float64 1e-12, float32 1e-5,
         bfloat16 2 x 2**-7, float16 2 x 2**-10; the last two are the dtypes' own rounding, not exactness).
 
     Raises:
@@ -576,5 +580,5 @@ def verify(model: Any, src: SourceLike | None = None, *, tokens: Any = None, see
             floor = float((reference.to(torch.bfloat16)(tokens.cpu()).logits.double() - ref).abs().max())
     err = float((got - ref).abs().max())
     dtype = backend.dtype
-    return Verification(backend.name, dtype, err, float(ref.abs().max()), TOLERANCE[dtype], floor,
+    return Verification(backend.name, dtype, err, float(ref.abs().max()), VERIFY_TOLERANCE[dtype], floor,
                         lnfree=lns is None or any(ln.hacked for ln in lns))
