@@ -65,7 +65,7 @@ class IdentityLayerNorm(nn.Identity):
 
 
 def identity_layernorms(model: nn.Module, names: list[str]) -> None:
-    """Replace the submodules ``names`` of ``model`` by :class:`IdentityLayerNorm` (in place)."""
+    """Replace the submodules ``names`` of ``model`` by `IdentityLayerNorm` (in place)."""
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, IdentityLayerNorm())
@@ -85,7 +85,7 @@ def build_gpt2(config: Any, state_dict: dict[str, torch.Tensor], *, identity_ln:
                device: str | torch.device = "cpu") -> nn.Module:
     """A ``GPT2LMHeadModel`` holding ``state_dict`` (no copy), untied ``lm_head`` with a bias.
 
-    ``identity_ln`` replaces ``ln_1``, ``ln_2`` and ``ln_f`` by :class:`IdentityLayerNorm` (LN-free); otherwise
+    ``identity_ln`` replaces ``ln_1``, ``ln_2`` and ``ln_f`` by `IdentityLayerNorm` (LN-free); otherwise
     they stay ``LayerNorm`` modules (weights 1 and bias 0 after the fold: ``LNPre``).
     """
     from accelerate import init_empty_weights
@@ -122,9 +122,9 @@ def check_variant(config: Any, label: str, backend: str) -> None:
     """Refuse GPT-2 config options that ``backend`` ("hf", "hooked", "bridge") cannot compute exactly.
 
     Handled elsewhere, exactly, on every backend: ``scale_attn_weights`` and
-    ``scale_attn_by_inverse_layer_idx`` (folded into ``W_Q``, :func:`attention_q_scale`),
+    ``scale_attn_by_inverse_layer_idx`` (folded into ``W_Q``, `attention_q_scale`),
     ``reorder_and_upcast_attn`` (dropped: the same function, only its rounding differs),
-    ``n_inner``, ``layer_norm_epsilon`` (:func:`baseline_eps`), the attention implementation.
+    ``n_inner``, ``layer_norm_epsilon`` (`baseline_eps`), the attention implementation.
 
     Raises:
         LNFreeError: ``add_cross_attention=True`` (any backend); an ``activation_function`` that
@@ -207,7 +207,7 @@ def _standard_attention(config: Any) -> None:
 def folded_config(source: Source, encoding: str, *, lnfree: bool, center_writing_weights: bool,
                   eps: float | None = None) -> Any:
     """A copy of the source config for the folded model, with the library's marker; standard GPT-2
-    attention (see :func:`attention_q_scale`) and, for an LN baseline, ``layer_norm_epsilon = eps``."""
+    attention (see `attention_q_scale`) and, for an LN baseline, ``layer_norm_epsilon = eps``."""
     config = copy.deepcopy(source.config)
     _standard_attention(config)
     if eps is not None:
@@ -241,7 +241,7 @@ class CenterAffine(nn.Module):
 def reference_model(source: Source, lns: list[LNState] | None, dtype: torch.dtype = torch.float64) -> nn.Module:
     """The unfolded checkpoint as plain HF computes it, in ``dtype``, hacked LNs written out.
 
-    Every hacked LN is replaced by :class:`CenterAffine`; real LNs stay ``nn.LayerNorm``. For a
+    Every hacked LN is replaced by `CenterAffine`; real LNs stay ``nn.LayerNorm``. For a
     checkpoint already folded by this library the reference is the folded model itself in float64.
     """
     from accelerate import init_empty_weights

@@ -1,4 +1,4 @@
-"""Checkpoint sources, the registry of known checkpoints, and :func:`inspect_checkpoint`.
+"""Checkpoint sources, the registry of known checkpoints, and [`inspect_checkpoint`][lnfree_interp.inspect_checkpoint].
 
 A *source* is a Hub id (read through the normal Hugging Face cache, so it works offline once
 cached), a registry alias, a local directory, or an in-memory ``GPT2LMHeadModel``. Weights are read
@@ -426,7 +426,7 @@ def resolve(src: SourceLike) -> Source:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What :func:`inspect_checkpoint` found. ``encoding`` is one of:
+    """What [`inspect_checkpoint`][lnfree_interp.inspect_checkpoint] found. ``encoding`` is one of:
 
     * ``"schaeff"`` - LN-free, every LN hacked (eps 1e12, weight gamma*1e6/s, bias beta);
     * ``"apollo"`` - LN-free, ``ln_1``/``ln_2`` weight exactly sqrt(eps) and bias 0, ``ln_f`` hacked;
@@ -492,11 +492,11 @@ def inspect_checkpoint(src: SourceLike) -> CheckpointInfo:
     Reads ``config.json`` and the LayerNorm weights only.
 
     Args:
-        src: Hub id or alias (see :func:`list_checkpoints`), local directory, or in-memory
+        src: Hub id or alias (see [`list_checkpoints`][lnfree_interp.list_checkpoints]), local directory, or in-memory
             ``GPT2LMHeadModel``.
 
     Returns:
-        :class:`CheckpointInfo` (encoding, sizes, eps values, per-LN weight scale, LN-free or not).
+        `CheckpointInfo` (encoding, sizes, eps values, per-LN weight scale, LN-free or not).
 
     Raises:
         LNFreeError: unreadable / non-GPT-2 / half-hacked checkpoints, Hub ids not cached offline.

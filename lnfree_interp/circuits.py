@@ -1,21 +1,21 @@
-"""Edge-level circuit discovery: EAP, EAP-IG and edge patching (circuit evaluation: :mod:`.faithfulness`).
+"""Edge-level circuit discovery: EAP, EAP-IG and edge patching (circuit evaluation: `faithfulness`).
 
-The graph (see :mod:`lnfree_interp.nodes`): writers ``embed``, every head ``L{l}H{h}`` and every MLP
+The graph (see `nodes`): writers ``embed``, every head ``L{l}H{h}`` and every MLP
 ``{l}_mlp_out``; readers every head's ``.q``, ``.k``, ``.v`` input, every ``{l}_mlp_in`` and ``logits``.
 Each reader's input is the LayerNorm (``NormSpec``, the identity LN-free) of the residual stream,
 and the residual stream is the sum of the writers' outputs plus constant biases. So the input of
 reader ``r`` with the edge ``w -> r`` patched is ``norm(resid + delta_w)``, ``delta_w`` the change of
 ``w``'s output; every quantity below is built from that one identity.
 
-* :func:`edge_attribution` - EAP (Syed et al. 2023; Hanna et al. 2024):
+* `edge_attribution` - EAP (Syed et al. 2023; Hanna et al. 2024):
   ``score(w -> r) = (w_corrupted - w_clean) . d metric / d (input of r)``; the gradient at a head's
   q/k/v input is the ``hook_q/k/v`` gradient times ``W_Q/W_K/W_V`` pulled back through the
   LayerNorm's vector-Jacobian product (nothing LN-free), at an MLP's input the ``mlp.hook_pre``
   gradient times ``W_in``, at the logits the final residual's gradient. One corrupted forward plus one
   clean forward and backward for all edges; ``method="eap-ig"`` averages the gradients over
   ``steps`` inputs interpolated between the corrupted and clean embeddings (EAP-IG-inputs).
-* :func:`edge_patching` - the ground truth: each edge patched alone, many per forward pass.
-* :func:`evaluate_circuit` / :func:`faithfulness_curve` - every reader's input rebuilt from its
+* `edge_patching` - the ground truth: each edge patched alone, many per forward pass.
+* `evaluate_circuit` / `faithfulness_curve` - every reader's input rebuilt from its
   writers: circuit edges from the running pass, all others from the ablated (corrupted or mean) run.
 
 LN-free with a metric linear in the logits (``logit_diff``), EAP of every edge into ``logits`` equals
@@ -68,7 +68,7 @@ def edge_attribution(
 
     ``score(w -> r) = (w_corrupted - w_clean) . d metric / d input_r`` summed over positions: a
     first-order estimate of ``metric(edge patched) - metric(clean)`` (the sign convention of
-    :func:`lnfree_interp.attribution_patching`). Cost: one corrupted forward and one clean forward +
+    [`attribution_patching`][lnfree_interp.attribution_patching]). Cost: one corrupted forward and one clean forward +
     backward (EAP), or ``steps`` forwards + backwards on inputs interpolated between the corrupted
     and clean embeddings (EAP-IG-inputs, Hanna et al. 2024, ``alpha = k / steps``, k = 1..steps).
     All scores are one batched contraction per reader layer.
@@ -82,15 +82,15 @@ def edge_attribution(
         steps: EAP-IG interpolation steps (>= 1).
         per_position: keep positions (``values [edge, pos, batch]``) instead of summing them.
         batch_size: stream the prompt pairs in batches of this many (flat memory, same numbers; see
-            :mod:`lnfree_interp.streaming`); ``clean`` may then be a DataLoader of pairs.
+            `streaming`); ``clean`` may then be a DataLoader of pairs.
         progress: a tqdm bar over the batches when streaming.
         attention_mask: ``[batch, pos]`` mask for padded clean token ids.
         corrupted_attention_mask: the same for the corrupted token ids.
 
     Returns:
-        :class:`EdgeResult` (``kind="eap"`` / ``"eap-ig"``), ``values [edge, batch]`` in the metric's
+        `EdgeResult` (``kind="eap"`` / ``"eap-ig"``), ``values [edge, batch]`` in the metric's
         units; ``exact_edges()`` are those into ``logits`` when the model is LN-free and the metric
-        linear in the logits (there EAP equals :func:`edge_patching`).
+        linear in the logits (there EAP equals `edge_patching`).
 
     Raises:
         LNFreeError: unknown method, ``steps < 1``, clean/corrupted length mismatch, a metric that is not
@@ -185,14 +185,14 @@ def edge_patching(
         clean: clean prompts; ``corrupted`` of equal token lengths.
         corrupted: corrupted prompts.
         metric: logits -> ``[batch]`` (need not be differentiable).
-        edges: labels (``"L0H1->L1H2.k"``), :class:`Edge` s or ``(writer, reader)`` pairs; default all.
+        edges: labels (``"L0H1->L1H2.k"``), `Edge` s or ``(writer, reader)`` pairs; default all.
         batch_size: rows per forward pass; more prompts than that are streamed in batches.
         progress: a tqdm bar over the forward passes.
         attention_mask: ``[batch, pos]`` mask for padded clean token ids.
         corrupted_attention_mask: the same for the corrupted token ids.
 
     Returns:
-        :class:`EdgeResult` (``kind="edge_patching"``), ``values [edge, batch]``.
+        `EdgeResult` (``kind="edge_patching"``), ``values [edge, batch]``.
 
     Raises:
         LNFreeError: unknown edges, edges from another model's graph, mismatched inputs, a bad metric,

@@ -48,7 +48,7 @@ def _backends() -> list[str]:
 
 
 def verify_all(src: Any, dtype: Any, expect_lnfree: bool = True, quiet: bool = False) -> list:
-    """Load ``src`` through every available backend and verify each (see :func:`lnfree_interp.verify`)."""
+    """Load ``src`` through every available backend and verify each (see [`verify`][lnfree_interp.verify])."""
     from . import load_hf, load_hooked, load_nnsight, load_unified, verify
 
     loaders = {"hf": lambda **kw: load_hf(src, **kw), "nnsight": lambda **kw: load_nnsight(src, **kw),

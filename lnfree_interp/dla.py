@@ -18,7 +18,7 @@ without ``wrong``), with ``ln_f`` folded into ``W_U`` and its bias into ``b_U``.
   (two with a corrupted ablation) - no forward per component.
 
 The paper (arXiv 2507.02559, section 5.1) measures ``100 * mean|DLA - DE| / mean|DE|`` over heads: 49%
-on GPT-2 small, 0% on its LN-free version. :func:`compare_dla_direct_effect` reproduces that figure.
+on GPT-2 small, 0% on its LN-free version. `compare_dla_direct_effect` reproduces that figure.
 """
 
 from __future__ import annotations
@@ -354,12 +354,12 @@ def direct_logit_attribution(
             into ``{l}_attn_bias`` as TransformerLens's ``from_pretrained(fold_value_biases=True)`` does,
             so per-head numbers match a TL user's. Totals are the same either way.
         batch_size: stream the prompts in batches of this many (any N, flat memory; see
-            :mod:`lnfree_interp.streaming`); ``inputs`` may then also be a DataLoader or a
+            `streaming`); ``inputs`` may then also be a DataLoader or a
             ``datasets`` column. ``None``: one batch.
         progress: a tqdm bar over the batches when streaming.
 
     Returns:
-        :class:`AttributionResult` with ``values [component, batch]`` in logits, ``labels``,
+        [`AttributionResult`][lnfree_interp.AttributionResult] with ``values [component, batch]`` in logits, ``labels``,
         ``metric`` (the model's actual metric), ``bias`` (``b_U[answer] - b_U[wrong]``, ``ln_f`` bias
         folded). ``values.sum(0) + bias == metric``: for LN-free models each value is exactly the
         component's direct effect (``exact=True``); for LN baselines the final LN scale is frozen
@@ -410,18 +410,18 @@ def direct_effect(
     components.
 
     Args:
-        model: as in :func:`direct_logit_attribution`.
-        inputs: as in :func:`direct_logit_attribution`.
-        answer: as in :func:`direct_logit_attribution`.
-        wrong: as in :func:`direct_logit_attribution`.
-        pos: as in :func:`direct_logit_attribution`.
-        attention_mask: as in :func:`direct_logit_attribution`.
-        layers: as in :func:`direct_logit_attribution`.
-        top_k: as in :func:`direct_logit_attribution`.
-        value_bias: as in :func:`direct_logit_attribution`.
-        batch_size: as in :func:`direct_logit_attribution` (not with ``ablation="mean"``, whose mean is
+        model: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        inputs: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        answer: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        wrong: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        pos: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        attention_mask: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        layers: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        top_k: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        value_bias: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        batch_size: as in `direct_logit_attribution` (not with ``ablation="mean"``, whose mean is
             over the batch).
-        progress: as in :func:`direct_logit_attribution`.
+        progress: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
         components: ``"head"``, ``"layer"`` or ``"neuron"`` (the same rows as DLA's ``by``).
         ablation: ``"zero"`` (remove the component's write), ``"mean"`` (replace it by its mean over
             every real token of ``inputs``), or corrupted inputs (a list of strings, or token ids
@@ -429,10 +429,10 @@ def direct_effect(
             clean ones.
 
     Returns:
-        :class:`AttributionResult` (``kind="direct_effect"``), ``values [component, batch]`` in logits.
+        `AttributionResult` (``kind="direct_effect"``), ``values [component, batch]`` in logits.
 
     Raises:
-        LNFreeError: as :func:`direct_logit_attribution`; an unknown ``ablation`` string (a bare
+        LNFreeError: as `direct_logit_attribution`; an unknown ``ablation`` string (a bare
             string is never read as a corrupted prompt, so a typo cannot pass silently); corrupted
             inputs of another batch size.
     """
@@ -480,19 +480,19 @@ def compare_dla_direct_effect(
     over prompts, and the error per head.
 
     Args:
-        model: as in :func:`direct_logit_attribution`.
-        inputs: as in :func:`direct_logit_attribution`.
-        answer: as in :func:`direct_logit_attribution`.
-        wrong: as in :func:`direct_logit_attribution`.
-        pos: as in :func:`direct_logit_attribution`.
-        attention_mask: as in :func:`direct_logit_attribution`.
+        model: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        inputs: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        answer: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        wrong: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        pos: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        attention_mask: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
         n_boot: bootstrap resamples (over prompts).
         seed: seed of the bootstrap.
-        batch_size: as in :func:`direct_logit_attribution`.
-        progress: as in :func:`direct_logit_attribution`.
+        batch_size: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
+        progress: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
 
     Returns:
-        :class:`Comparison`: ``nmae`` (percent; ~1e-13 for LN-free models in float64, clearly > 0 with
+        `Comparison`: ``nmae`` (percent; ~1e-13 for LN-free models in float64, clearly > 0 with
         LayerNorm), ``ci``, ``per_component`` (DataFrame per head: ``nmae``, mean DLA, mean DE),
         ``stats`` (``max_abs_error`` in logits), ``plot()`` (DLA against DE).
     """

@@ -19,7 +19,7 @@ class EdgeResult:
 
     Attributes:
         values: ``[edge, batch]``, or ``[edge, pos, batch]`` with ``positions``.
-        edges: the :class:`~lnfree_interp.nodes.Edge` of each row.
+        edges: the `Edge` of each row.
         metric: ``[batch]``, the model's metric on the clean prompts.
         kind: ``"eap"``, ``"eap-ig"`` or ``"edge_patching"``.
         exact_readers: reader kinds whose scores are exact (EAP into ``logits``, LN-free, linear metric).
@@ -51,7 +51,7 @@ class EdgeResult:
         return self.values.mean(-1)
 
     def __getitem__(self, edge: Any) -> Tensor:
-        """Values of one edge (label, :class:`Edge` or pair)."""
+        """Values of one edge (label, `Edge` or pair)."""
         e = Edge.parse(edge)
         if e not in self._index:
             raise LNFreeError(f"Edge {e} is not in this result (it has {len(self.edges)} edges).")
@@ -261,7 +261,7 @@ def edge_to_tl(edge: Edge, position: int, n_layers: int) -> tuple[Any, Any]:
 
 
 def edge_from_tl(pair: tuple[Any, Any]) -> Edge:
-    """A TransformerLens 4.3 ``(Node, Node)`` pair as an :class:`Edge` (its position is dropped)."""
+    """A TransformerLens 4.3 ``(Node, Node)`` pair as an `Edge` (its position is dropped)."""
     back = {v: k for k, v in _TL_KINDS.items()}
 
     def node(n: Any) -> Node:

@@ -64,7 +64,7 @@ def evaluate_loss(
         progress: show a tqdm bar when there is more than one batch.
 
     Returns:
-        :class:`LossReport` (mean, median, 95% and 99.9% percentile ranges, in nats).
+        [`LossReport`][lnfree_interp.LossReport] (mean, median, 95% and 99.9% percentile ranges, in nats).
 
     Raises:
         LNFreeError: text without a tokenizer, a list of texts, non-integer ids, too few tokens,

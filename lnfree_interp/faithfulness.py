@@ -121,7 +121,7 @@ def evaluate_circuit(
 
     Args:
         model: anything the loaders return.
-        circuit: edges (labels, :class:`Edge` s, pairs), or a boolean ``[writers, readers]`` mask.
+        circuit: edges (labels, `Edge` s, pairs), or a boolean ``[writers, readers]`` mask.
         clean: clean prompts; corrupted of equal token lengths.
         corrupted: corrupted prompts.
         metric: logits -> ``[batch]``.
@@ -159,12 +159,12 @@ def faithfulness_curve(
     attention_mask: Tensor | None = None,
     corrupted_attention_mask: Tensor | None = None,
 ) -> dict[str, Any]:
-    """:func:`evaluate_circuit` for several circuits, batched (many circuits per forward pass).
+    """`evaluate_circuit` for several circuits, batched (many circuits per forward pass).
 
-    ``circuits`` may also be an :class:`EdgeResult` and a list of sizes: ``faithfulness_curve(model,
+    ``circuits`` may also be an `EdgeResult` and a list of sizes: ``faithfulness_curve(model,
     (eap, [10, 50, 200]), ...)`` evaluates the top-n edges by |mean score| for each n.
 
-    Args are those of :func:`evaluate_circuit`, plus ``progress`` (a tqdm bar over the passes).
+    Args are those of `evaluate_circuit`, plus ``progress`` (a tqdm bar over the passes).
 
     Returns:
         dict with ``n_edges`` (list), ``faithfulness`` (list, normalised), ``metrics`` (``[J, batch]``),

@@ -7,7 +7,7 @@
 * Every colour bar and value axis names its units (``logits`` for DLA, the direct effect and a
   logit-difference metric); the title carries the prompt and the metric when the caller gives them.
 * Static figures are matplotlib (PNG: they render on GitHub, in papers and in static notebook viewers);
-  interactive ones are plotly. :func:`save_html` writes several plotly figures into one self-contained
+  interactive ones are plotly. `save_html` writes several plotly figures into one self-contained
   page that opens offline and holds a single copy of plotly.js.
 
 Colours: diverging ``RdBu`` centred on zero (positive blue), as in TransformerLens's tutorials.
@@ -67,7 +67,7 @@ class Grid:
 
 
 def mean_values(result: Any) -> np.ndarray:
-    """Batch-mean value of every component of an :class:`~lnfree_interp.AttributionResult`,
+    """Batch-mean value of every component of an [`AttributionResult`][lnfree_interp.AttributionResult],
     positions summed: ``[component]``."""
     mean = result.values.detach().double().cpu().mean(-1)
     if mean.ndim > 1:
@@ -304,7 +304,7 @@ def agreement_line(cmp: Any, units: str = "logits") -> str:
 
 
 def heatmap_plotly(result: Any, title: str | None = None, units: str | None = None) -> Any:
-    """The plotly version of :func:`heatmap_figure` (hover shows each cell's component label)."""
+    """The plotly version of `heatmap_figure` (hover shows each cell's component label)."""
     import plotly.graph_objects as go
 
     units = units_of(result, units)
@@ -352,7 +352,7 @@ def heatmap_plotly(result: Any, title: str | None = None, units: str | None = No
 
 
 def scatter_plotly(cmp: Any, title: str | None = None, units: str = "logits") -> Any:
-    """The plotly version of :func:`scatter_figure`."""
+    """The plotly version of `scatter_figure`."""
     import plotly.graph_objects as go
 
     a, b = cmp.a.double().cpu().numpy(), cmp.b.double().cpu().numpy()

@@ -8,7 +8,7 @@ map, nothing else (exactly so in the reference, up to ``var/(2 eps) ~ 1e-9`` rel
 module itself).
 
 Both steps are linear, so they fold into every matrix ``W`` (and bias ``c``) that reads the LN's
-output::
+output:
 
     LN(x) @ W + c = x @ (C diag(g) W) + (b @ W + c),      C = I - 11^T / d_model
 
@@ -230,7 +230,7 @@ def fold_state_dict(
         state_dict: HF ``GPT2LMHeadModel`` state dict (``transformer.``-prefixed keys). Never
             written to.
         n_layers: number of blocks.
-        lns: the classified LayerNorms (:func:`classify_layernorms`), or ``None`` for a state dict
+        lns: the classified LayerNorms (`classify_layernorms`), or ``None`` for a state dict
             that is already folded (identity LNs): then it is only cast, and centred if asked.
         dtype: dtype of the returned tensors. The arithmetic is float64 regardless.
         center_writing_weights: also subtract the mean over d_model from everything that writes to

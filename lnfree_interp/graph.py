@@ -1,7 +1,7 @@
 """The residual-stream graph of a GPT-2 and the machinery shared by every edge computation.
 
-:class:`Graph` lists writers, readers and valid edges; ``writer_outputs`` / ``reader_grads`` turn
-captured activations into each writer's output and each reader's input gradient; :class:`Rebuild`
+`Graph` lists writers, readers and valid edges; ``writer_outputs`` / ``reader_grads`` turn
+captured activations into each writer's output and each reader's input gradient; `Rebuild`
 gives readers the input ``norm(resid + extra)`` inside a forward pass - the identity behind edge
 patching and circuit evaluation (LN-free ``norm`` is the identity, so a reader's input is exactly the
 sum of its writers).
@@ -53,7 +53,7 @@ class Graph:
         return 1 + layer * (self.n_heads + 1) + (self.n_heads if mlp else 0)
 
     def mask(self, edges: Iterable[Any]) -> Tensor:
-        """Boolean ``[W, R]`` of the given edges (labels, :class:`Edge` or ``(writer, reader)`` pairs).
+        """Boolean ``[W, R]`` of the given edges (labels, `Edge` or ``(writer, reader)`` pairs).
 
         Raises:
             LNFreeError: an unknown label, a writer after its reader, a node of another model's graph.

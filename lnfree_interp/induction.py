@@ -1,6 +1,6 @@
 """Induction: does the model copy a repeated sequence, and which heads do it?
 
-:func:`induction_score` runs the standard test of Olsson et al. 2022 ("In-context learning and
+`induction_score` runs the standard test of Olsson et al. 2022 ("In-context learning and
 induction heads", section on the repeated-random-tokens test; TransformerLens' ``induction_score``
 tutorial in *Exploratory Analysis Demo*): sequences of distinct tokens in random order, each followed
 by an exact copy. A model with induction predicts the copy far better than the first occurrence (the
@@ -9,7 +9,7 @@ output the **induction head**'s keys read (K-composition), so that a token of th
 token that followed its earlier occurrence.
 
 Attention comes from the TransformerLens hook ``blocks.{l}.attn.hook_pattern`` (``[batch, head,
-query_pos, key_pos]``) through :func:`lnfree_interp.backends.get_backend`, so every backend works the
+query_pos, key_pos]``) through [`get_backend`][lnfree_interp.backends.get_backend], so every backend works the
 same way (HookedTransformer, TransformerBridge, ``load_hf``, ``load_nnsight``, ``load_unified``).
 """
 
@@ -36,7 +36,7 @@ def _label(layer: int, head: int) -> str:
 
 @dataclass
 class InductionResult:
-    """What :func:`induction_score` measured. NLLs in nats per token; scores are attention probabilities.
+    """What `induction_score` measured. NLLs in nats per token; scores are attention probabilities.
 
     Positions: ``b`` = 1 with a BOS, else 0; the first copy is at ``b .. b+seq_len-1``, the repeat at
     ``b+seq_len .. b+2*seq_len-1``.
@@ -258,7 +258,7 @@ def induction_score(
             keys) collapses that induction head's score.
 
     Returns:
-        :class:`InductionResult`: ``first_nll``, ``repeat_nll``, ``nll_drop`` (nats), ``induction`` and
+        `InductionResult`: ``first_nll``, ``repeat_nll``, ``nll_drop`` (nats), ``induction`` and
         ``prev_token`` ``[n_layers, n_heads]``, ``best_induction`` / ``best_prev_token`` labels,
         ``to_dataframe()``, ``plot()``, ``plot_pattern()``.
 

@@ -1,7 +1,7 @@
 """Indirect-object-identification prompt pairs (Wang et al. 2022), the task the paper patches.
 
 A clean prompt names two people and repeats the subject (S); the model should complete with the
-indirect object (IO)::
+indirect object (IO):
 
     BABA: "When Mary and John went to the store, John gave a drink to"  -> " Mary" (IO), not " John" (S)
     ABBA: "When John and Mary went to the store, John gave a drink to"  -> " Mary"
@@ -37,7 +37,7 @@ NAMES = (
 
 @dataclass(frozen=True)
 class IOIPrompts:
-    """Prompt pairs for :func:`attribution_patching` / :func:`activation_patching`.
+    """Prompt pairs for `attribution_patching` / `activation_patching`.
 
     ``answers``/``wrongs`` are the IO / S names with a leading space (single tokens); ``answer_ids``
     and ``wrong_ids`` their token ids; ``templates`` "BABA" or "ABBA" per prompt.
@@ -73,13 +73,13 @@ def ioi_prompts(
     Args:
         tokenizer_or_model: a tokenizer, or any loaded model with one.
         n: number of prompt pairs.
-        names: candidate names (default :data:`NAMES`); those that are not one token (with a leading
+        names: candidate names (default `NAMES`); those that are not one token (with a leading
             space) in the tokenizer are skipped.
         templates: format strings with ``{A}``, ``{B}``, ``{S}`` (each filled with ``" Name"``).
         seed: for the choice of names and templates.
 
     Returns:
-        :class:`IOIPrompts`: clean and corrupted prompts of equal token length, answers (IO) and
+        `IOIPrompts`: clean and corrupted prompts of equal token length, answers (IO) and
         wrong answers (S) as strings and ids.
 
     Raises:

@@ -98,10 +98,10 @@ def logit_lens(
         attention_mask: for padded token ids.
 
     Returns:
-        :class:`LensResult` (``logits [layer + 1, batch, d_vocab]``).
+        `LensResult` (``logits [layer + 1, batch, d_vocab]``).
 
     Raises:
-        LNFreeError: bad inputs, positions or answers (as :func:`direct_logit_attribution`).
+        LNFreeError: bad inputs, positions or answers (as `direct_logit_attribution`).
     """
     backend = get_backend(model)
     tokens, mask = prepare(backend, inputs, attention_mask)
@@ -198,13 +198,13 @@ def attention_scores(
 
     Args:
         model: an LN-free model from the loaders.
-        inputs: prompts; ``head`` a label like ``"L1H2"`` or a :class:`Node`.
+        inputs: prompts; ``head`` a label like ``"L1H2"`` or a `Node`.
         head: which head.
         query_pos: query position per prompt (negative from the last real token).
         attention_mask: for padded token ids.
 
     Returns:
-        :class:`AttentionScores`.
+        `AttentionScores`.
 
     Raises:
         LNFreeError: the head's ``ln_1`` is a LayerNorm (the score is not bilinear in the writers then:

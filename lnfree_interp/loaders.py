@@ -1,6 +1,6 @@
-"""Public loaders: the folded model in HF, TransformerLens and nnsight form, and :func:`verify`.
+"""Public loaders: the folded model in HF, TransformerLens and nnsight form, and [`verify`][lnfree_interp.verify].
 
-Every loader takes the same source and options, runs the float64 fold (:mod:`lnfree_interp.fold`)
+Every loader takes the same source and options, runs the float64 fold ([`fold`][lnfree_interp.fold])
 once, and hands the folded weights to one backend builder. Nothing the user passes in is modified:
 in-memory models are read, never written, and tokenizers are copied before a framework gets them.
 """
@@ -33,10 +33,10 @@ from .fold import fold_state_dict, ln_names
 
 _OLD_BUFFER_RE = re.compile(r"\.attn\.(bias|masked_bias)$")
 
-#: attribute naming the checkpoint a loaded model came from (read by :func:`verify`)
+#: attribute naming the checkpoint a loaded model came from (read by [`verify`][lnfree_interp.verify])
 SOURCE_ATTR = "lnfree_source"
 
-#: the keyword options every loader takes (one definition: :func:`_options` validates them)
+#: the keyword options every loader takes (one definition: `_options` validates them)
 LOAD_OPTIONS = ("backend", "dtype", "device", "tokenizer", "expect_lnfree", "center_writing_weights",
                 "center_unembed", "prepend_bos")
 #: the ``backend=`` values each loader can build
@@ -46,9 +46,9 @@ _BACKENDS = {"load_hf": ("hf",), "load_nnsight": ("hf",), "load_hooked": ("hooke
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """The options shared by :func:`load_hf`, :func:`load_hooked`, :func:`load_nnsight` and
-    :func:`load_unified` (every loader accepts every option; an option that does not apply to a
-    loader accepts only its neutral value and refuses others with :class:`LNFreeError`)."""
+    """The options shared by `load_hf`, `load_hooked`, `load_nnsight` and
+    [`load_unified`][lnfree_interp.load_unified] (every loader accepts every option; an option that does not apply to a
+    loader accepts only its neutral value and refuses others with [`LNFreeError`][lnfree_interp.LNFreeError])."""
 
     backend: str | None = None
     dtype: Any = torch.float32
@@ -156,7 +156,7 @@ def _fold(src: SourceLike, opts: LoadOptions, kind: str) -> _Loaded:
 
 @dataclass(frozen=True)
 class _InMemorySource:
-    """What :func:`verify` needs of an in-memory source model that it holds no strong reference to:
+    """What [`verify`][lnfree_interp.verify] needs of an in-memory source model that it holds no strong reference to:
     a weak reference, the directory or Hub id the model was loaded from (``config._name_or_path``)
     and a fingerprint of its weights (float64 sum and 2-norm per tensor), to recognise that
     directory as the same checkpoint once the model is garbage-collected."""
@@ -191,7 +191,7 @@ def _remember_source(model: Any, src: SourceLike) -> None:
 
 
 def _recorded_source(module: Any) -> SourceLike:
-    """The source recorded by the loader (for :func:`verify`).
+    """The source recorded by the loader (for [`verify`][lnfree_interp.verify]).
 
     Raises:
         LNFreeError: none recorded; or an in-memory source that was garbage-collected and whose
@@ -253,8 +253,8 @@ def load_hf(
     """Load a checkpoint as a ``transformers.GPT2LMHeadModel`` with folded weights and identity LNs.
 
     The hack is undone and every LayerNorm's centring and affine map folded into the weights that
-    read from it (:mod:`lnfree_interp.fold`, float64 arithmetic); ``ln_1``, ``ln_2`` and ``ln_f`` become
-    identities (:class:`lnfree_interp._hf.IdentityLayerNorm`: an ``nn.Identity`` that returns a copy,
+    read from it ([`fold`][lnfree_interp.fold], float64 arithmetic); ``ln_1``, ``ln_2`` and ``ln_f`` become
+    identities (`IdentityLayerNorm`: an ``nn.Identity`` that returns a copy,
     so editing an LN's output in place never edits the residual stream) and ``lm_head`` an untied
     ``nn.Linear`` with a bias (``ln_f``'s bias folded), so the model's logits equal the checkpoint's
     centre-and-affine computation exactly. Attention-scaling options of the config
@@ -264,18 +264,18 @@ def load_hf(
     tokenizer (or ``None``). ``model.save_pretrained(dir)`` writes a checkpoint that loads back
     identically through this library (encoding ``"folded"``); plain ``GPT2LMHeadModel.from_pretrained``
     cannot hold identity LayerNorms or an unembedding bias, so share the original checkpoint, or
-    :func:`save_lnfree`'s schaeff encoding, with plain transformers users.
+    [`save_lnfree`][lnfree_interp.save_lnfree]'s schaeff encoding, with plain transformers users.
 
-    Every loader takes the same keyword options (:class:`LoadOptions`); an option that does not
-    apply to a loader accepts only its neutral value and refuses others with :class:`LNFreeError`.
+    Every loader takes the same keyword options (`LoadOptions`); an option that does not
+    apply to a loader accepts only its neutral value and refuses others with [`LNFreeError`][lnfree_interp.LNFreeError].
 
     Args:
-        src: Hub id or alias (:func:`list_checkpoints`), local directory (sharded or single
+        src: Hub id or alias ([`list_checkpoints`][lnfree_interp.list_checkpoints]), local directory (sharded or single
             ``*.safetensors``, or ``pytorch_model.bin`` read with ``weights_only=True``), or an
             in-memory ``GPT2LMHeadModel`` / nnsight model over one (never modified).
-        backend: which model to build: ``"hf"`` for :func:`load_hf` / :func:`load_nnsight` (the only
+        backend: which model to build: ``"hf"`` for `load_hf` / `load_nnsight` (the only
             choice there); ``"hooked"`` (``HookedTransformer``, default on TL 3.x) or ``"bridge"``
-            (``TransformerBridge``, default on TL 4.x) for :func:`load_hooked` / :func:`load_unified`.
+            (``TransformerBridge``, default on TL 4.x) for `load_hooked` / `load_unified`.
             ``None``: the default.
         dtype: ``torch.float32`` (default), ``torch.float64`` (exact to ~1e-15), ``torch.bfloat16``,
             or ``torch.float16`` (refused if a folded weight overflows); or its name.
@@ -293,7 +293,7 @@ def load_hf(
             only ``False``.
 
     Raises:
-        LNFreeError: unreadable / non-GPT-2 / half-hacked checkpoints (see :func:`inspect_checkpoint`),
+        LNFreeError: unreadable / non-GPT-2 / half-hacked checkpoints (see `inspect_checkpoint`),
             an LN baseline without ``expect_lnfree=False``, a GPT-2 config option the backend cannot
             compute exactly (named, with the backend), float16 overflow, an option value this loader
             cannot apply.
@@ -319,11 +319,11 @@ def _tl_backend(backend: str | None) -> str:
 
 
 def _unalias_tl(model: Any, kind: str) -> Any:
-    """Give a TL model's removed LayerNorms a fresh output tensor (see :class:`IdentityLayerNorm`).
+    """Give a TL model's removed LayerNorms a fresh output tensor (see `IdentityLayerNorm`).
 
     ``HookedTransformer`` with ``normalization_type=None`` has ``nn.Identity`` ``ln1``/``ln2``: they
-    become :class:`IdentityLayerNorm`. A ``TransformerBridge`` passes an identity LayerNorm's input
-    straight through its ``NormalizationBridge``; :func:`lnfree_interp.backends.tl.build_bridge` makes it
+    become `IdentityLayerNorm`. A ``TransformerBridge`` passes an identity LayerNorm's input
+    straight through its ``NormalizationBridge``; `build_bridge` makes it
     compute ``hook_normalized(x / hook_scale(1))``, a fresh tensor whose LN hook edits take effect.
     """
     from torch import nn
@@ -361,11 +361,18 @@ def load_hooked(
     ``blocks.{l}.ln1.hook_out``, nnsight's ``blocks[l].ln1.output``) edits only that LN's reader.
 
     Args:
-        src, backend, dtype, device, tokenizer, expect_lnfree, center_writing_weights, center_unembed,
-            prepend_bos: as in :func:`load_hf` (the same options for every loader).
+        src: as in [`load_hf`][lnfree_interp.load_hf].
+        backend: as in [`load_hf`][lnfree_interp.load_hf].
+        dtype: as in [`load_hf`][lnfree_interp.load_hf].
+        device: as in [`load_hf`][lnfree_interp.load_hf].
+        tokenizer: as in [`load_hf`][lnfree_interp.load_hf].
+        expect_lnfree: as in [`load_hf`][lnfree_interp.load_hf].
+        center_writing_weights: as in [`load_hf`][lnfree_interp.load_hf].
+        center_unembed: as in [`load_hf`][lnfree_interp.load_hf].
+        prepend_bos: as in [`load_hf`][lnfree_interp.load_hf] (the same options for every loader).
 
     Raises:
-        LNFreeError: as :func:`load_hf`.
+        LNFreeError: as [`load_hf`][lnfree_interp.load_hf].
 
     Returns:
         ``transformer_lens.HookedTransformer`` or ``transformer_lens.model_bridge.TransformerBridge``.
@@ -410,7 +417,7 @@ def load_nnsight(
     center_unembed: bool = False,
     prepend_bos: bool = False,
 ) -> Any:
-    """Load a checkpoint as an ``nnsight.TransformersModel`` over the folded HF model (:func:`load_hf`).
+    """Load a checkpoint as an ``nnsight.TransformersModel`` over the folded HF model (`load_hf`).
 
     Standard HF module names inside traces (``model.transformer.h[0].attn.c_proj.input``), batching
     across invokes (left-padded by nnsight, positions from the mask), gradients inside traces
@@ -418,15 +425,22 @@ def load_nnsight(
     zeroes the attention input only, as on a model with a real LayerNorm.
 
     Args:
-        src, backend, dtype, device, tokenizer, expect_lnfree, center_writing_weights, center_unembed,
-            prepend_bos: as in :func:`load_hf` (the same options for every loader).
+        src: as in [`load_hf`][lnfree_interp.load_hf].
+        backend: as in [`load_hf`][lnfree_interp.load_hf].
+        dtype: as in [`load_hf`][lnfree_interp.load_hf].
+        device: as in [`load_hf`][lnfree_interp.load_hf].
+        tokenizer: as in [`load_hf`][lnfree_interp.load_hf].
+        expect_lnfree: as in [`load_hf`][lnfree_interp.load_hf].
+        center_writing_weights: as in [`load_hf`][lnfree_interp.load_hf].
+        center_unembed: as in [`load_hf`][lnfree_interp.load_hf].
+        prepend_bos: as in [`load_hf`][lnfree_interp.load_hf] (the same options for every loader).
 
     Raises:
-        LNFreeError: as :func:`load_hf`.
+        LNFreeError: as [`load_hf`][lnfree_interp.load_hf].
 
     Returns:
         ``nnsight.TransformersModel``; for a checkpoint without a tokenizer (which ``TransformersModel``
-        requires), a :class:`lnfree_interp.backends.nnsight.BatchedNNsight` over the same HF model that
+        requires), a `BatchedNNsight` over the same HF model that
         batches token-id invokes.
     """
     from .backends.nnsight import build_transformers_model
@@ -452,21 +466,28 @@ def load_unified(
     center_unembed: bool = False,
     prepend_bos: bool = False,
 ) -> Any:
-    """nnsight over the TransformerLens model of :func:`load_hooked`: the successor of ``UnifiedTransformer``.
+    """nnsight over the TransformerLens model of `load_hooked`: the successor of ``UnifiedTransformer``.
 
     TL hook names inside traces (``model.blocks[0].attn.hook_z.output``, ``[batch, pos, head,
     d_head]`` on a ``HookedTransformer``), several invokes per trace (strings or token ids,
     batched with right padding and an attention mask), edits and gradients as in any nnsight trace.
 
     Args:
-        src, backend, dtype, device, tokenizer, expect_lnfree, center_writing_weights, center_unembed,
-            prepend_bos: as in :func:`load_hf` (the same options for every loader).
+        src: as in [`load_hf`][lnfree_interp.load_hf].
+        backend: as in [`load_hf`][lnfree_interp.load_hf].
+        dtype: as in [`load_hf`][lnfree_interp.load_hf].
+        device: as in [`load_hf`][lnfree_interp.load_hf].
+        tokenizer: as in [`load_hf`][lnfree_interp.load_hf].
+        expect_lnfree: as in [`load_hf`][lnfree_interp.load_hf].
+        center_writing_weights: as in [`load_hf`][lnfree_interp.load_hf].
+        center_unembed: as in [`load_hf`][lnfree_interp.load_hf].
+        prepend_bos: as in [`load_hf`][lnfree_interp.load_hf] (the same options for every loader).
 
     Raises:
-        LNFreeError: as :func:`load_hf`.
+        LNFreeError: as [`load_hf`][lnfree_interp.load_hf].
 
     Returns:
-        :class:`lnfree_interp.backends.nnsight.UnifiedModel` (an ``nnsight.NNsight``).
+        `UnifiedModel` (an ``nnsight.NNsight``).
     """
     from .backends.nnsight import build_unified
 
@@ -483,9 +504,9 @@ def load_unified(
 # --------------------------------------------------------------------------------------------
 
 #: relative tolerances by dtype for sums of attribution components (``assert_exact`` in
-#: :mod:`lnfree_interp.results` / :mod:`lnfree_interp.patching`): rounding grows with the number of summands.
+#: `results` / `patching`): rounding grows with the number of summands.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-#: pass thresholds of :func:`verify`: max |logit error| / max |logit| by dtype. float64 and float32: the
+#: pass thresholds of `verify`: max |logit error| / max |logit| by dtype. float64 and float32: the
 #: fold is exact to a few units of rounding; bfloat16 and float16: two units of the dtype's own rounding
 #: (2 x 2**-7, 2 x 2**-10 relative; measured 7.9e-3 and 9.7e-4 on the embedded and random models), so
 #: those dtypes pass when the fold adds nothing beyond the dtype's rounding, which is not exactness.
@@ -495,14 +516,14 @@ VERIFY_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2
 
 @dataclass(frozen=True)
 class Verification:
-    """Result of :func:`verify`. Errors are in logits; ``tolerance`` and ``relative_error`` are
+    """Result of [`verify`][lnfree_interp.verify]. Errors are in logits; ``tolerance`` and ``relative_error`` are
     relative to the largest |reference logit|."""
 
     backend: str
     dtype: torch.dtype
     max_abs_error: float  #: max |logits - reference logits| (logits)
     max_abs_logit: float  #: max |reference logits| (logits)
-    tolerance: float  #: relative tolerance for ``dtype`` (:data:`VERIFY_TOLERANCE`)
+    tolerance: float  #: relative tolerance for ``dtype`` (`VERIFY_TOLERANCE`)
     #: bfloat16 only: max |error| of the *unfolded* checkpoint itself computed in bfloat16 (logits), the
     #: floor set by the dtype; ``None`` otherwise (float16 cannot run the hack: its 1e6 weights overflow)
     dtype_floor_error: float | None = None
@@ -546,8 +567,8 @@ def verify(model: Any, src: SourceLike | None = None, *, tokens: Any = None, see
         tokens: token ids ``[batch, pos]``; default: 2 x min(n_ctx, 32) random ids (``seed``).
 
     Returns:
-        :class:`Verification`: the relative error (max |logit error| / max |logit|) and whether it is
-        within the dtype's relative tolerance (:data:`VERIFY_TOLERANCE`: float64 1e-12, float32 1e-5,
+        `Verification`: the relative error (max |logit error| / max |logit|) and whether it is
+        within the dtype's relative tolerance (`VERIFY_TOLERANCE`: float64 1e-12, float32 1e-5,
         bfloat16 2 x 2**-7, float16 2 x 2**-10; the last two are the dtypes' own rounding, not exactness).
 
     Raises:

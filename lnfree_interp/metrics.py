@@ -19,7 +19,7 @@ Metric = Callable[[Tensor], Tensor]
 
 
 class TokenMetric:
-    """Base of :func:`logit_diff` and :func:`logprob`: reads each prompt's logits at one position."""
+    """Base of `logit_diff` and `logprob`: reads each prompt's logits at one position."""
 
     #: linear in the logits (then AtP's direct part is exact on an LN-free model)
     linear = False
@@ -46,7 +46,7 @@ class TokenMetric:
         return lambda logits: self._compute(logits[rows, pos], answer, wrong)
 
     def __call__(self, logits: Float[Tensor, "batch pos vocab"], attention_mask: Tensor | None = None) -> Tensor:
-        """Evaluate directly on logits (token ids only; strings need :meth:`bind`)."""
+        """Evaluate directly on logits (token ids only; strings need `bind`)."""
         from .inputs import as_list, check_ids, positions
 
         batch, d_vocab = logits.shape[0], logits.shape[-1]

@@ -1,6 +1,6 @@
 """Typed components of the computational graph: writers (``embed``, heads, MLPs) and readers.
 
-A :class:`Node` names a place in a GPT-2 the way TransformerLens and the circuit literature do:
+A `Node` names a place in a GPT-2 the way TransformerLens and the circuit literature do:
 
 ============  ==================  ===============================================  =====================
 kind          label               TransformerLens hook                              role
@@ -14,7 +14,7 @@ kind          label               TransformerLens hook                          
 ============  ==================  ===============================================  =====================
 
 Edges are ``writer->reader`` (``L3H2->L5H1.k``, ``embed->logits``). Results keep labels (strings)
-for display and pandas; :meth:`Node.parse` turns any label back into a node without regexes
+for display and pandas; `Node.parse` turns any label back into a node without regexes
 scattered through the maths.
 """
 
@@ -83,7 +83,7 @@ class Node:
 
     @classmethod
     def parse(cls, label: str | Node) -> Node:
-        """A node from its label; raises :class:`LNFreeError` for anything else."""
+        """A node from its label; raises [`LNFreeError`][lnfree_interp.LNFreeError] for anything else."""
         if isinstance(label, Node):
             return label
         s = str(label).strip()

@@ -8,12 +8,12 @@ prompt pairs in one batch (TransformerLens's ``tools.analysis.attribution_patch`
 The gradient splits along the paths from the node to the metric. The *direct* part goes through
 the node's linear write to the final residual stream and the unembedding:
 ``d metric / d r_final`` pulled back through ``W_O`` (heads), ``W_out`` (neurons) or the identity.
-Without LayerNorm that path is linear, so for a metric linear in the logits (:func:`logit_diff`)
+Without LayerNorm that path is linear, so for a metric linear in the logits ([`logit_diff`][lnfree_interp.logit_diff])
 the direct part is the exact direct effect of the patch; only the *indirect* part (through later
 attention and MLPs) is a first-order estimate. With LayerNorm both parts are first order.
 ``values == direct + indirect``.
 
-:func:`activation_patching` is the ground truth: every node (at every position, if asked) patched
+`activation_patching` is the ground truth: every node (at every position, if asked) patched
 one at a time, many patches per forward pass (the batch is replicated once per patch).
 """
 
@@ -81,7 +81,7 @@ def attribution_patching(
         clean: clean prompts: strings or token ids ``[batch, pos]``.
         corrupted: corrupted prompts, of the same token shape as ``clean``.
         metric: callable on logits ``[batch, pos, d_vocab]`` returning ``[batch]``, differentiable, e.g.
-            :func:`lnfree_interp.logit_diff` or :func:`lnfree_interp.logprob`.
+            [`logit_diff`][lnfree_interp.logit_diff] or [`logprob`][lnfree_interp.logprob].
         nodes: ``"head"`` (``L{l}H{h}``, each head's ``z``), ``"attn_out"``, ``"mlp_out"``,
             ``"neuron"`` (``L{l}N{n}``, MLP post-activations) or ``"resid_pre"``.
         per_position: keep positions separate (``values [node, pos, batch]``) or sum them
@@ -89,11 +89,11 @@ def attribution_patching(
         attention_mask: mask for padded clean token ids.
         corrupted_attention_mask: mask for padded corrupted token ids.
         batch_size: stream the prompt pairs in batches of this many (any N, flat memory, same numbers;
-            see :mod:`lnfree_interp.streaming`); ``clean`` may then be a DataLoader of pairs.
+            see `streaming`); ``clean`` may then be a DataLoader of pairs.
         progress: a tqdm bar over the batches when streaming.
 
     Returns:
-        :class:`AttributionResult` (``kind="atp"``) in the metric's units, with ``direct`` and
+        `AttributionResult` (``kind="atp"``) in the metric's units, with ``direct`` and
         ``indirect`` (``values == direct + indirect``) and ``extra["metric_clean"]`` /
         ``extra["metric_corrupted"]`` ``[batch]``. Identical clean and corrupted inputs give exactly 0.
 
@@ -179,13 +179,13 @@ def activation_patching(
     forward pass (TransformerLens's ``get_act_patch_*`` runs one forward per node).
 
     Args:
-        model: as in :func:`attribution_patching`.
-        clean: as in :func:`attribution_patching`.
-        corrupted: as in :func:`attribution_patching`.
-        metric: as in :func:`attribution_patching`.
-        nodes: as in :func:`attribution_patching`.
-        attention_mask: as in :func:`attribution_patching`.
-        corrupted_attention_mask: as in :func:`attribution_patching`.
+        model: as in [`attribution_patching`][lnfree_interp.attribution_patching].
+        clean: as in [`attribution_patching`][lnfree_interp.attribution_patching].
+        corrupted: as in [`attribution_patching`][lnfree_interp.attribution_patching].
+        metric: as in [`attribution_patching`][lnfree_interp.attribution_patching].
+        nodes: as in [`attribution_patching`][lnfree_interp.attribution_patching].
+        attention_mask: as in [`attribution_patching`][lnfree_interp.attribution_patching].
+        corrupted_attention_mask: as in [`attribution_patching`][lnfree_interp.attribution_patching].
         per_position: patch each position separately (``values [node, pos, batch]``); else a node
             is patched at all of ``positions`` at once (``[node, batch]``).
         positions: the positions to patch (default all), as column indices of the (padded) token
@@ -195,11 +195,11 @@ def activation_patching(
         progress: tqdm bar over the forward passes.
 
     Returns:
-        :class:`AttributionResult` (``kind="activation_patching"``), ``extra["metric_clean"]`` and
+        `AttributionResult` (``kind="activation_patching"``), ``extra["metric_clean"]`` and
         ``extra["metric_corrupted"]``.
 
     Raises:
-        LNFreeError: as :func:`attribution_patching`; positions outside the sequence.
+        LNFreeError: as [`attribution_patching`][lnfree_interp.attribution_patching]; positions outside the sequence.
     """
     from tqdm.auto import tqdm
 
@@ -338,12 +338,12 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
     absolute error (``normalised_mae``).
 
     Args:
-        atp_result: from :func:`attribution_patching`.
-        act_result: from :func:`activation_patching` on the same model, inputs, metric and nodes
+        atp_result: from [`attribution_patching`][lnfree_interp.attribution_patching].
+        act_result: from `activation_patching` on the same model, inputs, metric and nodes
             (and the same ``per_position``).
 
     Returns:
-        :class:`Comparison`; ``per_component`` is a per-layer DataFrame; ``plot()`` is the scatter of
+        `Comparison`; ``per_component`` is a per-layer DataFrame; ``plot()`` is the scatter of
         AtP against activation patching coloured by layer.
 
     Raises:
@@ -381,7 +381,7 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
 
 
 def _compare_edges(est: Any, truth: Any, n_boot: int, seed: int) -> Comparison:
-    """:func:`compare_attribution` for edge results: EAP / EAP-IG against edge patching, per reader kind."""
+    """`compare_attribution` for edge results: EAP / EAP-IG against edge patching, per reader kind."""
     import pandas as pd
 
     if not (isinstance(est, EdgeResult) and isinstance(truth, EdgeResult)) or est.kind not in ("eap", "eap-ig") \

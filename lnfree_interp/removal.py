@@ -3,11 +3,11 @@
 The procedure of arXiv 2507.02559 (section 3; code: github.com/submarat/removing-layer-norm): while
 fine-tuning, the LayerNorms are removed one at a time on a schedule - the MLP-side ``ln_2`` of each
 layer, then the attention-side ``ln_1`` of each layer, then ``ln_f`` - with fine-tuning steps in
-between so the model adapts. A removed LN becomes a :class:`FakeLayerNorm`,
+between so the model adapts. A removed LN becomes a [`FakeLayerNorm`][lnfree_interp.FakeLayerNorm],
 ``(x - mean(x)) / s * gamma + beta``, where ``s`` is the running average of that LN's standard
 deviation, frozen at removal.
 
-:func:`save_lnfree` exports a model whose LNs are all removed as a plain ``GPT2LMHeadModel`` in the
+`save_lnfree` exports a model whose LNs are all removed as a plain ``GPT2LMHeadModel`` in the
 schaeff encoding (``weight = gamma * 1e6 / s``, ``bias = beta``, ``eps = 1e12`` on every LN module and in
 the config), loadable both by this library and by plain ``GPT2LMHeadModel.from_pretrained``.
 """
@@ -35,7 +35,7 @@ EXPORT_EPS = 1e12
 class FakeLayerNorm(nn.Module):
     """A GPT-2 LayerNorm that can be removed (arXiv 2507.02559 "FakeLN").
 
-    Before :meth:`remove`: an ordinary LayerNorm, which also tracks ``running_std``, an exponential
+    Before `remove`: an ordinary LayerNorm, which also tracks ``running_std``, an exponential
     moving average (``momentum``) of the per-token standard deviation ``sqrt(var(x) + eps)``
     averaged over the batch and positions. After: ``(x - mean(x)) / running_std * weight + bias``,
     with ``running_std`` frozen - a centring and an affine map, linear in ``x``.
@@ -117,7 +117,7 @@ class RemovalSchedule:
 
 
 def install_fake_layernorms(model: nn.Module) -> nn.Module:
-    """Replace every ``ln_1``/``ln_2``/``ln_f`` of a GPT-2 by a :class:`FakeLayerNorm` (in place)."""
+    """Replace every ``ln_1``/``ln_2``/``ln_f`` of a GPT-2 by a `FakeLayerNorm` (in place)."""
     for name in ln_names(model.config.n_layer):
         parent, _, child = name.rpartition(".")
         ln = model.get_submodule(name)
@@ -215,7 +215,7 @@ def remove_layernorm(
     Args:
         model: a ``transformers.GPT2LMHeadModel`` with LayerNorm (not modified: a copy is trained).
         tokens: 1-D stream of training token ids.
-        schedule: when each LN goes (:class:`RemovalSchedule`); total steps follow from it.
+        schedule: when each LN goes ([`RemovalSchedule`][lnfree_interp.RemovalSchedule]); total steps follow from it.
         lr: AdamW peak learning rate (linear warm-up, cosine decay).
         batch_size: sequences per step.
         seq_len: tokens per sequence.
@@ -226,8 +226,8 @@ def remove_layernorm(
         progress: show a tqdm bar.
 
     Returns:
-        ``(model, losses)``: the fine-tuned copy, every LN a removed :class:`FakeLayerNorm`, and
-        the training loss per step (nats). Export it with :func:`save_lnfree`.
+        ``(model, losses)``: the fine-tuned copy, every LN a removed [`FakeLayerNorm`][lnfree_interp.FakeLayerNorm], and
+        the training loss per step (nats). Export it with [`save_lnfree`][lnfree_interp.save_lnfree].
 
     Raises:
         LNFreeError: the model is not a GPT-2 with LayerNorm (or was folded by this library), or
@@ -276,7 +276,7 @@ def to_schaeff_encoding(model: nn.Module) -> nn.Module:
     ``layer_norm_epsilon`` becomes 1e12. The input model is not modified.
 
     Raises:
-        LNFreeError: a LayerNorm that is not a removed :class:`FakeLayerNorm`.
+        LNFreeError: a LayerNorm that is not a removed [`FakeLayerNorm`][lnfree_interp.FakeLayerNorm].
     """
     from transformers import GPT2LMHeadModel
 
@@ -301,14 +301,14 @@ def to_schaeff_encoding(model: nn.Module) -> nn.Module:
 
 
 def save_lnfree(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Save a model whose LNs were removed (:func:`remove_layernorm`) in the schaeff encoding.
+    """Save a model whose LNs were removed (`remove_layernorm`) in the schaeff encoding.
 
     The directory loads through every lnfree_interp loader (detected as ``"schaeff"``) and through
     plain ``GPT2LMHeadModel.from_pretrained`` (approximately: the hacked LN is exact to
     ``var(x) / 2e12`` relative).
 
     Args:
-        model: GPT-2 whose ``ln_1``/``ln_2``/``ln_f`` are removed :class:`FakeLayerNorm` modules.
+        model: GPT-2 whose ``ln_1``/``ln_2``/``ln_f`` are removed `FakeLayerNorm` modules.
         directory: where to write ``config.json`` and ``model.safetensors`` (created).
         tokenizer: optional tokenizer saved beside the weights.
 

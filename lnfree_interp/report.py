@@ -1,9 +1,9 @@
 """One report comparing models side by side on the paper's findings (arXiv 2507.02559, section 5).
 
-:func:`compare_models` runs every analysis on each model - held-out loss with its outliers,
+[`compare_models`][lnfree_interp.compare_models] runs every analysis on each model - held-out loss with its outliers,
 calibration (ECE), output divergence from the first model, attention sinks and first-token residual
 norms, entropy neurons, DLA vs the true direct effect, attribution vs activation patching - and
-returns a :class:`ModelComparison` whose :meth:`~ModelComparison.save` writes one offline HTML page
+returns a `ModelComparison` whose `ModelComparison.save` writes one offline HTML page
 (figures embedded as PNG, no JavaScript), a Markdown summary and the PNG figures. Every choice
 (text, windows, threshold, bins, resamples, null-space size, prompts) is an argument and is printed
 in the report. ``lnfree-interp compare`` is the command-line front end.
@@ -24,13 +24,13 @@ from .errors import LNFreeError
 
 #: the trio shipped with the package: with LayerNorm, vanilla fine-tune, LN-free fine-tune
 EMBEDDED_TRIO = ("tiny-shakespeare", "tiny-shakespeare-vanilla", "tiny-shakespeare-lnfree")
-#: marker pair around the generated table in a Markdown file (see :func:`update_markdown_block`)
+#: marker pair around the generated table in a Markdown file (see `update_markdown_block`)
 MARKER = "lnfree-compare"
 
 
 @dataclass
 class ModelComparison:
-    """The result of :func:`compare_models`.
+    """The result of [`compare_models`][lnfree_interp.compare_models].
 
     Attributes:
         table: ``pandas.DataFrame``: one row per figure (``figure``, ``unit``), one column per model,
@@ -199,14 +199,14 @@ def compare_models(
     """Run the paper's analyses on each model and tabulate them side by side.
 
     The first model is the reference for the divergences (JSD, KL). Loads sources with
-    :func:`lnfree_interp.load_hf` in ``dtype`` (LN-free or not detected from the checkpoint).
+    [`load_hf`][lnfree_interp.load_hf] in ``dtype`` (LN-free or not detected from the checkpoint).
 
     Args:
         models: sources (Hub ids / aliases, directories, embedded names), loaded models, or a dict
             ``{label: model}``; default the embedded trio.
         text: evaluation text (default: the held-out tiny-shakespeare sample shipped with the package;
             the paper uses The Pile).
-        prompts: :class:`lnfree_interp.IOIPrompts` for attribution vs activation patching (default
+        prompts: `IOIPrompts` for attribution vs activation patching (default
             ``ioi_prompts(first model, n=8)``).
         max_tokens: tokens of ``text`` used by the text-level analyses (default 4096; ``None``: all).
         seq_len: window length (default ``min(512, n_ctx)``).
@@ -221,7 +221,7 @@ def compare_models(
         progress: print each step with its time.
 
     Returns:
-        :class:`ModelComparison` (``.save(dir)`` writes the HTML page, Markdown and PNGs).
+        [`ModelComparison`][lnfree_interp.ModelComparison] (``.save(dir)`` writes the HTML page, Markdown and PNGs).
 
     Raises:
         LNFreeError: models with different vocabularies or tokenizers, a text shorter than one

@@ -1,4 +1,4 @@
-"""The figures of :func:`lnfree_interp.report.compare_models` (matplotlib ``Figure`` objects, never
+"""The figures of [`compare_models`][lnfree_interp.report.compare_models] (matplotlib ``Figure`` objects, never
 pyplot's global state). Layer 0 is at the top of every layer axis; units are on every axis."""
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class AttributionResult:
         components plus bias reproduce the metric to ``rtol`` relative to the size of the summands,
         max over the batch of sum |component| + |bias| (the scale floating-point rounding of a sum
         grows with; default 1e-10 in float64, 1e-5 in float32, 1e-2 in float16, 5e-2 in bfloat16:
-        :data:`lnfree_interp.loaders.TOLERANCE`). Relative to |metric| alone would fail
+        `TOLERANCE`). Relative to |metric| alone would fail
         spuriously on a near-zero logit difference.
 
         Raises:
@@ -194,14 +194,14 @@ class AttributionResult:
         return heatmap_plotly(self, title, units)
 
     def figure(self, title: str | None = None, units: str | None = None):
-        """The static version of :meth:`plot`: a matplotlib ``Figure`` (no pyplot state touched)."""
+        """The static version of `plot`: a matplotlib ``Figure`` (no pyplot state touched)."""
         from .figures import heatmap_figure
 
         return heatmap_figure(self, title, units)
 
     def save(self, path: str | Path, title: str | None = None, units: str | None = None, *,
              html: bool = False) -> list[Path]:
-        """Write ``path.png`` (:meth:`figure`) and, with ``html=True``, ``path.html`` (:meth:`plot`, one
+        """Write ``path.png`` (`figure`) and, with ``html=True``, ``path.html`` (`plot`, one
         self-contained page with plotly.js inside: opens offline, ~5 MB); returns the paths. Leaves
         pyplot's state (and a notebook's backend) alone."""
         from .figures import save_html, save_png
@@ -267,14 +267,14 @@ class Comparison:
         return scatter_plotly(self, title, units)
 
     def figure(self, title: str | None = None, units: str = "logits"):
-        """The static version of :meth:`plot`: a matplotlib ``Figure`` (no pyplot state touched)."""
+        """The static version of `plot`: a matplotlib ``Figure`` (no pyplot state touched)."""
         from .figures import scatter_figure
 
         return scatter_figure(self, title, units)
 
     def save(self, path: str | Path, title: str | None = None, units: str = "logits", *,
              html: bool = False) -> list[Path]:
-        """Write ``path.png`` (:meth:`figure`) and, with ``html=True``, a self-contained ``path.html``."""
+        """Write ``path.png`` (`figure`) and, with ``html=True``, a self-contained ``path.html``."""
         from .figures import save_html, save_png
 
         paths = [save_png(self.figure(title, units), path)]
@@ -294,7 +294,7 @@ def nmae(a: Tensor, b: Tensor) -> float:
 
 
 def bootstrap_ci(a: Tensor, b: Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of :func:`nmae` resampling the last axis (prompts) of ``[C, batch]``;
+    """95% bootstrap interval of `nmae` resampling the last axis (prompts) of ``[C, batch]``;
     ``(nan, nan)`` for a single prompt."""
     batch = a.shape[-1]
     if batch < 2:  # nothing to resample

@@ -1,12 +1,12 @@
 """The paper's interpretability findings beyond DLA, as functions (arXiv 2507.02559, section 5).
 
 One module per capability, each working on every backend through the seam
-(:func:`lnfree_interp.backends.get_backend`):
+([`get_backend`][lnfree_interp.backends.get_backend]):
 
-* :mod:`.entropy_neurons` - entropy-neuron scores from the unembedding's null space, mean ablation;
-* :mod:`.sinks` - attention-sink rate and first-token residual norms;
-* :mod:`.calibration` - expected calibration error, entropy, JSD / KL between two models;
-* :mod:`.windows` - the token windows of a text that all of them use.
+* `entropy_neurons` - entropy-neuron scores from the unembedding's null space, mean ablation;
+* `sinks` - attention-sink rate and first-token residual norms;
+* `calibration` - expected calibration error, entropy, JSD / KL between two models;
+* `windows` - the token windows of a text that all of them use.
 """
 
 from .calibration import (CalibrationReport, DivergenceReport, calibration, check_same_vocabulary,

@@ -188,7 +188,7 @@ def calibration(
 
     Args:
         model: anything the loaders return (LN baselines included); any backend.
-        text: a string or 1-D token ids, cut into windows as :func:`token_windows` does.
+        text: a string or 1-D token ids, cut into windows as `token_windows` does.
         n_bins: equal-width confidence bins (paper: 10).
         n_boot: bootstrap resamples over tokens (paper: 10,000).
         level: confidence level of the interval, in (0, 1).
@@ -200,7 +200,7 @@ def calibration(
         progress: tqdm bar over batches.
 
     Returns:
-        :class:`CalibrationReport`.
+        `CalibrationReport`.
 
     Raises:
         LNFreeError: a text shorter than one window, bad ``seq_len`` / ``n_bins`` / ``level``.
@@ -291,7 +291,7 @@ def output_divergence(
         progress: tqdm bar over batches.
 
     Returns:
-        :class:`DivergenceReport` (nats).
+        `DivergenceReport` (nats).
 
     Raises:
         LNFreeError: different vocabularies or tokenizers; a text shorter than one window; a window

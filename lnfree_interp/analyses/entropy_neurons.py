@@ -80,7 +80,7 @@ def null_space(model: Any, k_null: int | None = None, *, exact: bool = False) ->
     Args:
         model: any loaded model.
         k_null: size of the *effective* null space: the ``k_null`` smallest singular directions
-            above the exactly-null ones (default :func:`default_k_null`).
+            above the exactly-null ones (default `default_k_null`).
         exact: return the *exactly* null directions instead (singular value at most
             ``EXACT_NULL_RTOL`` of the largest; for centred unembeddings the all-ones direction):
             a write there has no direct effect on any logit.
@@ -100,7 +100,7 @@ def entropy_neuron_scores(model: Any, *, k_null: int | None = None):
 
     Args:
         model: anything the loaders return; any backend.
-        k_null: dimension of the effective null space (default :func:`default_k_null`).
+        k_null: dimension of the effective null space (default `default_k_null`).
 
     Returns:
         ``pandas.DataFrame`` sorted by ``null_norm`` (descending), one row per neuron: ``neuron``
@@ -187,11 +187,11 @@ def neuron_ablation(
 
     Args:
         model: anything the loaders return (LN baselines included); any backend.
-        text: a string or 1-D token ids, cut into windows as :func:`token_windows` does.
+        text: a string or 1-D token ids, cut into windows as `token_windows` does.
         neurons: last-layer neuron indices; default the ``top`` neurons of
-            :func:`entropy_neuron_scores` (largest write into the null space).
+            [`entropy_neuron_scores`][lnfree_interp.entropy_neuron_scores] (largest write into the null space).
         top: how many neurons to take when ``neurons`` is ``None``.
-        k_null: null-space dimension for choosing neurons (see :func:`entropy_neuron_scores`).
+        k_null: null-space dimension for choosing neurons (see `entropy_neuron_scores`).
         seq_len: window length (default ``min(512, n_ctx)``).
         max_tokens: use only the first ``max_tokens`` tokens.
         batch_size: windows per forward pass (default: logits of a batch under ~4M numbers).
@@ -200,7 +200,7 @@ def neuron_ablation(
         progress: tqdm bar over batches.
 
     Returns:
-        :class:`NeuronAblation` (nats).
+        `NeuronAblation` (nats).
 
     Raises:
         LNFreeError: neuron indices outside ``[0, d_mlp)``, an empty list, ``top < 1``, a text

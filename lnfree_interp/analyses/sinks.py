@@ -88,7 +88,7 @@ def attention_sinks(
     Args:
         model: anything the loaders return (LN baselines included); any backend with
             ``blocks.{l}.attn.hook_pattern``.
-        text: a string or 1-D token ids, cut into windows as :func:`token_windows` does.
+        text: a string or 1-D token ids, cut into windows as `token_windows` does.
         threshold: attention weight above which a (head, query) pair or a head counts as a sink
             (paper: 0.3), in (0, 1).
         seq_len: window length (default ``min(512, n_ctx)``; the authors use 512).
@@ -97,7 +97,7 @@ def attention_sinks(
         progress: tqdm bar over batches.
 
     Returns:
-        :class:`SinkReport` (``first_attention [layer, head]``, ``sink_rate [layer]``, ``sink_heads [layer]``).
+        `SinkReport` (``first_attention [layer, head]``, ``sink_rate [layer]``, ``sink_heads [layer]``).
 
     Raises:
         LNFreeError: ``threshold`` outside (0, 1); a text shorter than one window; a backend without
@@ -125,7 +125,7 @@ def residual_norms(
 
     Args:
         model: anything the loaders return (LN baselines included); any backend.
-        text: a string or 1-D token ids, cut into windows as :func:`token_windows` does.
+        text: a string or 1-D token ids, cut into windows as `token_windows` does.
         seq_len: window length (default ``min(512, n_ctx)``).
         max_tokens: use only the first ``max_tokens`` tokens.
         batch_size: windows per forward pass (default: logits of a batch under ~4M numbers).
@@ -152,13 +152,13 @@ def first_token_analysis(
     batch_size: int | None = None,
     progress: bool = True,
 ):
-    """:func:`attention_sinks` and :func:`residual_norms` from one forward pass per batch.
+    """`attention_sinks` and `residual_norms` from one forward pass per batch.
 
     Returns:
         ``(SinkReport, norms DataFrame)``, exactly what the two functions return.
 
     Raises:
-        LNFreeError: as :func:`attention_sinks`.
+        LNFreeError: as [`attention_sinks`][lnfree_interp.attention_sinks].
     """
     return _first_token_pass(model, text, threshold, seq_len, max_tokens, batch_size, progress, norms=True)
 

@@ -1,6 +1,6 @@
 """Cutting a text into the token windows every text-level analysis runs on.
 
-The same convention as :func:`lnfree_interp.evaluate_loss`: the text is tokenized as one stream (no
+The same convention as [`evaluate_loss`][lnfree_interp.evaluate_loss]: the text is tokenized as one stream (no
 BOS) and cut into non-overlapping windows of ``seq_len`` tokens; the remainder is dropped. Position 0
 of each window is therefore an ordinary token, as in the paper's Pile evaluation (the authors' data
 loaders use ``prepend_bos=False``).
@@ -34,7 +34,7 @@ def token_windows(
     """Non-overlapping windows ``[n_windows, seq_len]`` of a text's tokens (on the model's device).
 
     Args:
-        model: anything the loaders return (or a :class:`~lnfree_interp.backends.Backend`).
+        model: anything the loaders return (or a [`Backend`][lnfree_interp.backends.Backend]).
         text: a string, or a 1-D tensor / list of token ids.
         seq_len: window length; default ``min(512, n_ctx)``. Must lie in ``[2, n_ctx]``.
         max_tokens: use only the first ``max_tokens`` tokens of the stream.
@@ -81,7 +81,7 @@ def batches(windows: Tensor, batch_size: int | None, desc: str, progress: bool, 
     """``windows`` in chunks of ``batch_size`` rows, with a tqdm bar when there is more than one.
 
     ``batch_size=None``: as many windows as keep ``rows x seq_len x d_vocab`` under
-    :data:`LOGIT_BUDGET` (at least one): 16 windows of the embedded models, one of GPT-2's 512 tokens.
+    `LOGIT_BUDGET` (at least one): 16 windows of the embedded models, one of GPT-2's 512 tokens.
 
     Raises:
         LNFreeError: ``batch_size < 1``.

@@ -1,24 +1,24 @@
 """The backends seam: one small interface between the attribution maths and each framework.
 
-The maths (:mod:`lnfree_interp.dla`, :mod:`lnfree_interp.patching`, :mod:`lnfree_interp.circuits`,
-:mod:`lnfree_interp.lens`) sees every model through a :class:`Backend` and never asks which framework
+The maths (`dla`, `patching`, `circuits`,
+`lens`) sees every model through a [`Backend`][lnfree_interp.backends.Backend] and never asks which framework
 it runs on:
 
-* sizes (``n_layers``, ``n_heads``, ``d_model``...), :meth:`Backend.weights` (per-layer views of the
-  parameters in TransformerLens layout) and :meth:`Backend.norms` (what each LayerNorm site really
+* sizes (``n_layers``, ``n_heads``, ``d_model``...), `Backend.weights` (per-layer views of the
+  parameters in TransformerLens layout) and `Backend.norms` (what each LayerNorm site really
   computes, read from the modules the model runs, never from its config);
 * *hooks by TransformerLens name* (``blocks.{l}.attn.hook_z`` as ``[batch, pos, head, d_head]``,
   ``attn.hook_q/k/v``, ``attn.hook_pattern`` as ``[batch, head, query, key]``,
-  ``hook_mlp_out``, ``hook_embed``...), see :meth:`Backend.hook_names`;
-* one run primitive, :meth:`Backend.run`: a forward pass with hooks that patch, activations captured,
+  ``hook_mlp_out``, ``hook_embed``...), see [`Backend.hook_names`][lnfree_interp.backends.Backend.hook_names];
+* one run primitive, `Backend.run`: a forward pass with hooks that patch, activations captured,
   and gradients of a per-prompt metric at chosen hooks; hooks are always removed, train/eval flags
   restored, and concurrent runs on one model are serialised.
 
 Frameworks are imported lazily: a backend is only looked at when its package is already imported
 (the einops ``_backends`` pattern), so using nnsight never imports TransformerLens.
 
-Backends (one module each): :mod:`.hf` (a folded ``GPT2LMHeadModel``, and nnsight's
-``TransformersModel`` over one) and :mod:`.tl` (``HookedTransformer``, ``TransformerBridge``, and
+Backends (one module each): `hf` (a folded ``GPT2LMHeadModel``, and nnsight's
+``TransformersModel`` over one) and `tl` (``HookedTransformer``, ``TransformerBridge``, and
 nnsight over either).
 """
 
@@ -120,7 +120,7 @@ class Weights:
 
 @dataclass
 class Run:
-    """What :meth:`Backend.run` returns: logits, captured activations, metric and gradients."""
+    """What `Backend.run` returns: logits, captured activations, metric and gradients."""
 
     logits: Tensor  #: [batch, pos, d_vocab] (detached)
     acts: dict[str, Tensor] = field(default_factory=dict)  #: hook name -> captured (detached) value

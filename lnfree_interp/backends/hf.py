@@ -72,7 +72,7 @@ def hf_norms(hf: Any) -> Norms:
 
 
 def gpt2_norms(ln1: list[nn.Module], ln2: list[nn.Module], ln_f: nn.Module) -> Norms:
-    """:class:`Norms` from the HF LayerNorm-site modules (``ln_1``, ``ln_2`` per layer, ``ln_f``)."""
+    """`Norms` from the HF LayerNorm-site modules (``ln_1``, ``ln_2`` per layer, ``ln_f``)."""
     return Norms([norm_spec(m, f"h[{i}].ln_1") for i, m in enumerate(ln1)],
                  [norm_spec(m, f"h[{i}].ln_2") for i, m in enumerate(ln2)], norm_spec(ln_f, "ln_f"))
 
@@ -86,7 +86,7 @@ def hf_weights(hf: Any) -> Weights:
 
 def gpt2_weights(c_attn: list[nn.Module], c_proj: list[nn.Module], c_fc: list[nn.Module],
                  mlp_proj: list[nn.Module], lm_head: nn.Module, n_heads: int) -> Weights:
-    """:class:`Weights` as views of HF GPT-2 modules (``Conv1D`` weights are ``[in, out]``)."""
+    """`Weights` as views of HF GPT-2 modules (``Conv1D`` weights are ``[in, out]``)."""
     d = c_proj[0].weight.shape[-1]
     H, dh = n_heads, d // n_heads
 

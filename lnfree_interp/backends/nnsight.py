@@ -1,13 +1,13 @@
 """Builders for nnsight models over the folded HF model and over TransformerLens models.
 
 nnsight 0.8 has ``TransformersModel`` for HF models (it needs a tokenizer) and no successor of the
-``UnifiedTransformer`` it removed in 0.4. :class:`UnifiedModel` is that successor: an
+``UnifiedTransformer`` it removed in 0.4. `UnifiedModel` is that successor: an
 ``nnsight.NNsight`` over a ``HookedTransformer`` / ``TransformerBridge`` whose invokes batch
 together (strings or token ids, right-padded with an attention mask), so TL hook points can be read
 and edited by TL name inside a trace: ``model.blocks[0].attn.hook_z.output``.
 
 For analysis the attribution functions unwrap nnsight models and hook the modules they wrap (see
-:mod:`lnfree_interp.backends`); nothing here is needed for that.
+[`backends`][lnfree_interp.backends]); nothing here is needed for that.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 
 def build_transformers_model(hf_model: torch.nn.Module, tokenizer: Any) -> Any:
     """``nnsight.TransformersModel`` over ``hf_model`` (given a copy of ``tokenizer``: nnsight edits
-    it); without a tokenizer, which ``TransformersModel`` cannot do without, a :class:`BatchedNNsight`
+    it); without a tokenizer, which ``TransformersModel`` cannot do without, a `BatchedNNsight`
     that batches token-id invokes."""
     if tokenizer is None:
         return BatchedNNsight(hf_model)
@@ -39,7 +39,7 @@ class BatchedNNsight(nnsight.NNsight):
     are right-padded into one batch with an attention mask (right padding leaves the real tokens'
     positions and causal attention unchanged). Strings are tokenized with the wrapped model's
     tokenizer as everywhere in lnfree_interp. Over a TransformerLens model this is
-    :class:`UnifiedModel`.
+    `UnifiedModel`.
     """
 
     def _rows(self, inputs: tuple) -> list[Tensor]:
@@ -76,7 +76,7 @@ class UnifiedModel(BatchedNNsight):
     """nnsight over a TransformerLens model: the successor of nnsight's removed ``UnifiedTransformer``.
 
     TL hook points by TL name inside traces (``model.blocks[0].attn.hook_z.output``), several invokes
-    per trace (see :class:`BatchedNNsight`).
+    per trace (see `BatchedNNsight`).
     """
 
 
