@@ -163,3 +163,15 @@ def test_api_page_names_are_importable_as_it_says():
         assert hasattr(lnfree_interp, name), f"docs/api.md says {name} is importable from lnfree_interp; it is not"
         checked += 1
     assert checked >= 20
+
+
+def test_docstrings_use_markdown_not_sphinx_roles():
+    """The API reference renders docstrings as Markdown (mkdocstrings): Sphinx roles (:func:`x`) and
+    '::' literal-block markers would print as-is. Cross-references are written [`x`][lnfree_interp.x]."""
+    role = re.compile(r":(?:py:)?(?:func|class|meth|data|mod|attr|exc|obj|const):`")
+    bad = []
+    for path in sorted((ROOT / "lnfree_interp").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if role.search(line) or re.search(r"[\w)]::$", line):
+                bad.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not bad, "\n".join(bad[:30])
