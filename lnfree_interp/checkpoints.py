@@ -306,7 +306,7 @@ def _check_config(config: Any, label: str) -> None:
         arch = getattr(config, "model_type", type(config).__name__)
         raise LNFreeError(f"{label} is a {arch!r} model; lnfree_interp supports GPT-2 "
                           "(GPT2LMHeadModel) checkpoints only.")
-    # options that change the computation are checked per backend at load time (_hf.check_variant)
+    # options that change the computation are checked per backend at load time (builders.hf.check_variant)
 
 
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:

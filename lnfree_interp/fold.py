@@ -245,9 +245,9 @@ def fold_state_dict(
             the user, so the returned model never aliases it).
         q_scale: per layer, a factor folded into the query weights and bias (``W_Q``, ``b_Q``): GPT-2
             attention options that rescale the scores (``scale_attn_weights=False``,
-            ``scale_attn_by_inverse_layer_idx``) become standard attention (``_hf.attention_q_scale``).
+            ``scale_attn_by_inverse_layer_idx``) become standard attention (``builders.hf.attention_q_scale``).
             Default: 1 everywhere.
-        chunk: output columns folded per float64 block (default: ~4 MiB of float64 per block). The
+        chunk: output columns folded per float64 block (default: ~2 MiB of float64 per block). The
             result does not depend on it.
 
     Streaming: tensors are read from ``state_dict`` one at a time, in order, as they are needed (a

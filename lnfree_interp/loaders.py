@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._hf import (
+from .builders.hf import (
     IdentityLayerNorm,
     as_dtype,
     build_gpt2,
@@ -334,7 +334,7 @@ def _unalias_tl(model: Any, kind: str) -> Any:
                 if type(getattr(block, name, None)) is nn.Identity:
                     setattr(block, name, IdentityLayerNorm())
         return model
-    return model  # a bridge's identity LNs return a fresh tensor already (backends.tl.build_bridge)
+    return model  # a bridge's identity LNs return a fresh tensor already (builders.tl.build_bridge)
 
 
 def load_hooked(
@@ -381,7 +381,7 @@ def load_hooked(
                     expect_lnfree=expect_lnfree, center_writing_weights=center_writing_weights,
                     center_unembed=center_unembed, prepend_bos=prepend_bos)
     kind = _tl_backend(backend)
-    from .backends import tl
+    from .builders import tl
 
     if kind == "hooked":
         tl.require_hooked()
@@ -443,7 +443,7 @@ def load_nnsight(
         requires), a `BatchedNNsight` over the same HF model that
         batches token-id invokes.
     """
-    from .backends.nnsight import build_transformers_model
+    from .builders.nnsight import build_transformers_model
 
     opts = _options("load_nnsight", backend=backend, dtype=dtype, device=device, tokenizer=tokenizer,
                     expect_lnfree=expect_lnfree, center_writing_weights=center_writing_weights,
@@ -489,7 +489,7 @@ def load_unified(
     Returns:
         `UnifiedModel` (an ``nnsight.NNsight``).
     """
-    from .backends.nnsight import build_unified
+    from .builders.nnsight import build_unified
 
     _options("load_unified", backend=backend, dtype=dtype, device=device, tokenizer=tokenizer,
              expect_lnfree=expect_lnfree, center_writing_weights=center_writing_weights,

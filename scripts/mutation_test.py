@@ -45,7 +45,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "lnfree_interp"
 CORE = ["fold.py", "dla.py", "patching.py", "inputs.py", "backends/__init__.py", "backends/hf.py",
-        "backends/tl.py", "backends/nnsight.py"]
+        "backends/tl.py", "builders/tl.py"]
 #: module -> the test files that exercise it (only the tests covering a mutated line are run)
 TESTS = {
     "fold.py": ["tests/test_fold.py", "tests/test_loaders.py"],

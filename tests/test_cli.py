@@ -116,7 +116,7 @@ def test_demo_runs_and_renders_figures(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_dtypes(dtype):
-    """--dtype takes every dtype of the library's one table (lnfree_interp._hf.DTYPES)."""
+    """--dtype takes every dtype of the library's one table (lnfree_interp.builders.hf.DTYPES)."""
     res = run("dla", "tiny-shakespeare-lnfree", "--dtype", dtype, "--prompt", "ROMEO:\nI will not", "--answer",
               " be", "--wrong", " go", "--top", "3")
     assert res.returncode == 0, res.stderr
@@ -124,7 +124,7 @@ def test_half_precision_dtypes(dtype):
 
 
 def test_dtype_choices_come_from_the_one_table():
-    from lnfree_interp._hf import DTYPES
+    from lnfree_interp.builders.hf import DTYPES
 
     for command in ("verify", "dla", "patch", "eval", "compare"):
         res = run(command, "--help")

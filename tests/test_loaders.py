@@ -370,7 +370,7 @@ def test_editing_an_identity_layernorm_output_leaves_the_residual_stream_alone(l
 def test_identity_layernorm_copy_is_cheap(models):
     """The copy an IdentityLayerNorm makes: a plain float64 forward with the copies equals one
     without (same numbers), and the removed LayerNorms are IdentityLayerNorm (an nn.Identity)."""
-    from lnfree_interp._hf import IdentityLayerNorm
+    from lnfree_interp.builders.hf import IdentityLayerNorm
 
     hf = L.load_hf(models["schaeff"], dtype=torch.float64)
     assert all(isinstance(b.ln_1, IdentityLayerNorm) and isinstance(b.ln_2, torch.nn.Identity)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import FOLDED_MARKER, Source
-from .errors import LNFreeError
-from .fold import LNState, ln_names
+from ..checkpoints import FOLDED_MARKER, Source
+from ..errors import LNFreeError
+from ..fold import LNState, ln_names
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
