@@ -123,3 +123,29 @@ def test_bridge_identity_layernorm_hooks_take_effect(models):
     with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_normalized", lambda a, hook: a * 0)]):
         zeroed = model(tokens).detach()
     assert (zeroed - model(tokens).detach()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("site", ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"])
+def test_replacing_the_residual_stream_reaches_the_skip_connection(loader, site, models):
+    """A hook that returns a new residual-stream tensor changes the residual itself (the LayerNorm's input and the
+    skip connection), on every backend alike: checked against a hand computation on the final residual."""
+    for encoding in ("schaeff", "layernorm"):
+        lnfree = encoding != "layernorm"
+        backend = get_backend(load(loader, models[encoding], dtype=torch.float64, expect_lnfree=lnfree))
+        tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(2))
+        zeroed = backend.run(tokens, None, hooks={site: lambda a: torch.zeros_like(a)},
+                             capture=["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"])
+        acts = zeroed.acts
+        final = acts["blocks.1.hook_resid_post"]
+        if site == "blocks.1.hook_resid_pre":  # nothing but layer 1's writes remain
+            expected = acts["blocks.1.hook_attn_out"] + acts["blocks.1.hook_mlp_out"]
+        elif site == "blocks.0.hook_resid_post":
+            expected = acts["blocks.1.hook_attn_out"] + acts["blocks.1.hook_mlp_out"]
+        else:
+            expected = None
+        if expected is not None:
+            assert (final - expected).abs().max() <= 1e-10, (site, encoding)
+        ref = get_backend(load("bridge", models[encoding], dtype=torch.float64, expect_lnfree=lnfree))
+        logits = ref.run(tokens, None, hooks={site: lambda a: torch.zeros_like(a)}).logits
+        assert (zeroed.logits - logits).abs().max() <= 1e-10, (site, encoding)

@@ -4,7 +4,8 @@ TransformerLens hook names map onto HF modules with plain torch hooks:
 
 =====================================  ==========================================================
 ``hook_embed`` / ``hook_pos_embed``    output of ``transformer.wte`` / ``transformer.wpe``
-``blocks.{l}.hook_resid_pre``          input of ``h[l].ln_1``  (``hook_resid_mid``: of ``ln_2``)
+``blocks.{l}.hook_resid_pre``          input of ``h[l].ln_1``  (``hook_resid_mid``: of ``ln_2``); a replacement is
+                                       written into that tensor, which is also the block's skip connection
 ``blocks.{l}.hook_resid_post``         input of ``h[l+1].ln_1``; for the last block, of ``ln_f``
 ``blocks.{l}.attn.hook_q/k/v``         thirds of the output of ``h[l].attn.c_attn``, ``[b, p, head, d_head]``
 ``blocks.{l}.attn.hook_pattern``       attention weights ``[b, head, q, k]`` (read-only; eager attention)
@@ -144,7 +145,7 @@ class HFBackend(Backend):
                        use_cache=False).logits
 
     def _site(self, name: str) -> tuple[nn.Module, str, str]:
-        """(module, "in" | "out", view) for a TL hook name; view is "", "z", "q", "k", "v" or "pattern"."""
+        """(module, "in" | "out", view) for a TL hook name; view is "", "resid", "z", "q", "k", "v" or "pattern"."""
         t = self.hf.transformer
         if name == "hook_embed":
             return t.wte, "out", ""
@@ -154,10 +155,10 @@ class HFBackend(Backend):
         layer, rest = int(parts[1]), ".".join(parts[2:])
         block = t.h[layer]
         if rest == "hook_resid_post":
-            return (t.h[layer + 1].ln_1 if layer + 1 < self.n_layers else t.ln_f), "in", ""
+            return (t.h[layer + 1].ln_1 if layer + 1 < self.n_layers else t.ln_f), "in", "resid"
         return {
-            "hook_resid_pre": (block.ln_1, "in", ""),
-            "hook_resid_mid": (block.ln_2, "in", ""),
+            "hook_resid_pre": (block.ln_1, "in", "resid"),
+            "hook_resid_mid": (block.ln_2, "in", "resid"),
             "attn.hook_q": (block.attn.c_attn, "out", "q"),
             "attn.hook_k": (block.attn.c_attn, "out", "k"),
             "attn.hook_v": (block.attn.c_attn, "out", "v"),
@@ -180,6 +181,13 @@ class HFBackend(Backend):
                 raise LNFreeError("blocks.{l}.attn.hook_pattern is read-only on a transformers / nnsight model "
                                   "(HF computes the output from its own weights); patch hook_q / hook_k / hook_z, "
                                   "or use load_hooked for a TransformerLens model.")
+            return None
+        if "resid" in fns:
+            # the LayerNorm's input is also the block's skip connection: a replacement must reach both,
+            # so it is written into the residual-stream tensor itself
+            out = fns["resid"](x)
+            if out is not None and out is not x:
+                x.copy_(out)
             return None
         if "" in fns:
             return fns[""](x)

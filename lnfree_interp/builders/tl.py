@@ -124,6 +124,7 @@ def build_bridge(hf_model: nn.Module, *, lnfree: bool, tokenizer: Any, prepend_b
                                           post_adapter_hook=configure, model_name=model_name)
     bridge.cfg.default_prepend_bos = prepend_bos
     _live_identity_norm_hooks(bridge)
+    _residual_taps_write_through(bridge)
     return _tokenizer_bos_as_cfg(bridge.eval(), prepend_bos)
 
 
@@ -148,6 +149,41 @@ def _live_identity_norm_hooks(bridge: Any) -> None:
     for module in bridge.modules():
         if isinstance(module, NormalizationBridge) and isinstance(module.original_component, nn.Identity):
             module._hf_autograd_forward_with_hooks = types.MethodType(identity_forward, module)
+
+
+def _residual_taps_write_through(bridge: Any) -> None:
+    """Make a replaced ``hook_resid_mid`` (an alias of ``ln2.hook_in``) reach the skip connection.
+
+    The HF block passes one tensor to ``ln_2`` and keeps it as the residual; TL's bridge hands a hook's
+    replacement to the LayerNorm only, so zeroing ``blocks.{l}.hook_resid_mid`` would change what the
+    MLP reads but not the residual stream (7.6 logits off a TransformerLens ``HookedTransformer`` on a
+    test model). Here the final value of each block LayerNorm's ``hook_in`` is written into the input
+    tensor itself, as on a model whose hook point sits on the residual stream.
+    """
+    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+
+    def sync(module: Any, inputs: tuple, out: Tensor) -> Tensor | None:
+        if inputs and out is not inputs[0]:
+            inputs[0].copy_(out)
+            return inputs[0]
+        return None
+
+    def write_through(module: Any) -> None:
+        original = type(module).forward.__get__(module)  # the class's forward (bridge modules delegate attributes)
+
+        def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            handle = module.hook_in.register_forward_hook(sync)  # runs after every user hook
+            try:
+                return original(hidden_states, *args, **kwargs)
+            finally:
+                handle.remove()
+        object.__setattr__(module, "forward", forward)
+
+    for block in bridge.blocks:
+        for name in ("ln1", "ln2"):
+            module = getattr(block, name, None)
+            if isinstance(module, NormalizationBridge):
+                write_through(module)
 
 
 def _tokenizer_bos_as_cfg(model: Any, prepend_bos: bool) -> Any:
