@@ -23,6 +23,7 @@ from .errors import LNFreeError
 from .evaluation import LossReport, evaluate_loss
 from .fold import fold_state_dict
 from .induction import InductionResult, induction_score
+from .case_study import InductionCaseStudy, induction_case_study
 from .ioi import IOIPrompts, ioi_prompts
 from .loaders import Verification, load_hf, load_hooked, load_nnsight, load_unified, verify
 from .metrics import logit_diff, logprob
@@ -47,5 +48,5 @@ __all__ = [
     "residual_norms", "calibration", "CalibrationReport", "expected_calibration_error", "output_divergence",
     "DivergenceReport", "compare_models", "ModelComparison",
     # circuits in the embedded models
-    "induction_score", "InductionResult",
+    "induction_score", "InductionResult", "induction_case_study", "InductionCaseStudy",
 ]

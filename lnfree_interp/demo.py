@@ -125,6 +125,32 @@ def induction_step(model, out: Path) -> tuple[list[Path], dict]:
     return paths, {"result": res, "ablation": knocked, "partners": partners}
 
 
+def circuit_step(free, base, out: Path) -> tuple[list[Path], dict]:
+    """Demo step: the induction circuit edge by edge (`induction_case_study`) on the
+    LN-free and vanilla models: EAP vs edge patching per reader class, faithfulness of the top-n
+    circuits, and whether a previous-token head -> induction head ``.k`` edge is among the top edges.
+    Writes two PNGs; returns ``(paths, numbers)``."""
+    import matplotlib.pyplot as plt
+
+    from .case_study import case_study_table, induction_case_study, plot_faithfulness
+
+    studies = [induction_case_study(m, name=name, n_prompts=4, seq_len=8) for name, m in ((LNFREE, free), (LN, base))]
+    for s in studies:
+        print("      " + s.summary().replace("\n", "\n      "))
+    table = case_study_table(studies)
+    eap = table[table.method == "eap"]
+    print("      EAP vs edge patching, per reader class (Pearson / max |error| in logits):")
+    for name in (LNFREE, LN):
+        rows = eap[eap.model == name]
+        print(f"        {name:26s} " + ", ".join(f"{k} {p:.3f} / {e:.1e}" for k, p, e in
+                                                zip(rows.reader_kind, rows.pearson, rows.max_abs_error)))
+    paths = [out / "circuit_faithfulness.png", out / f"circuit_{LNFREE}.png"]
+    for fig, path in ((plot_faithfulness(studies), paths[0]), (studies[0].plot_graph(30), paths[1])):
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return paths, {"studies": studies, "table": table}
+
+
 def run_demo(out: Path) -> dict:
     """Run the demo, print its findings, write figures to ``out``; returns the headline numbers."""
     from . import (
@@ -142,7 +168,7 @@ def run_demo(out: Path) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n = 6
+    n = 7
     t_all = time.perf_counter()
     print(f"lnfree_interp {__version__} demo: LN-free GPT-2 interpretability on the embedded tiny-shakespeare "
           "trio "
@@ -210,9 +236,14 @@ def run_demo(out: Path) -> dict:
     figures += induction_figures
     _done(t)
 
+    t = _step(6, n, "The induction circuit edge by edge: EAP vs edge patching, faithfulness, LN-free vs vanilla")
+    circuit_figures, circuit = circuit_step(free, base, out)
+    figures += circuit_figures
+    _done(t)
+
     figures.append(save_html(interactive, out / "figures.html", title="lnfree_interp demo figures"))
 
-    t = _step(6, n, "Summary")
+    t = _step(7, n, "Summary")
     worst = max(r.max_abs_error for r in results)
     print(f"      exactness: max |logit error| over {len(results)} backends in float64: {worst:.2e}")
     print(f"      DLA error vs direct effect: {nmaes[LNFREE]:.2g} % LN-free, {nmaes[LN]:.3g} % with LayerNorm")
@@ -221,4 +252,5 @@ def run_demo(out: Path) -> dict:
         print(f"        {f.name}")
     _done(t)
     print(f"\ndone in {time.perf_counter() - t_all:.0f} s")
-    return {"verify": results, "nmae": nmaes, "patching": patching, "induction": induction, "figures": figures}
+    return {"verify": results, "nmae": nmaes, "patching": patching, "induction": induction, "circuit": circuit,
+            "figures": figures}
