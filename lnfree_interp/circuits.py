@@ -219,6 +219,7 @@ def edge_patching(
         clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
         delta = writer_outputs(backend, corr.acts) - writer_outputs(backend, clean_run.acts)  # [W, B, P, d]
         m_clean = clean_run.metric
+        assert m_clean is not None  # the run was given a metric
         copies = max(1, batch_size // B)
         effects = torch.empty(len(chosen), B, dtype=m_clean.dtype, device=m_clean.device)
         chunks = range(0, len(chosen), copies)

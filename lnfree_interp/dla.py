@@ -299,7 +299,8 @@ def _direct_effect_values(req: _Request, ablation: Any) -> tuple[_Components, _C
         if req.lnfree:
             values.append(a)
         else:
-            cr_u, cr2 = (centred_r * u0).sum(-1), centred_r.pow(2).sum(-1)  # type: ignore[operator]
+            assert centred_r is not None
+            cr_u, cr2 = (centred_r * u0).sum(-1), centred_r.pow(2).sum(-1)
             values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / r.shape[-1] + eps).sqrt())
     return comp, cap, torch.cat(values, 0)
 
@@ -498,7 +499,8 @@ def compare_dla_direct_effect(
     """
     import pandas as pd
 
-    kw = {"pos": pos, "attention_mask": attention_mask, "batch_size": batch_size, "progress": progress}
+    kw: dict[str, Any] = {"pos": pos, "attention_mask": attention_mask, "batch_size": batch_size,
+                          "progress": progress}
     dla = direct_logit_attribution(model, inputs, answer, wrong, **kw)
     de = direct_effect(model, inputs, answer, wrong, **kw)
     heads = [i for i, lab in enumerate(dla.labels) if lab.startswith("L") and "H" in lab]

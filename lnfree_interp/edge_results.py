@@ -242,7 +242,7 @@ _TL_KINDS = {"embed": "embed", "head": "attn_head_out", "mlp": "mlp_out", "q": "
 
 def _tl_node_class() -> Any:
     try:
-        from transformer_lens.tools.analysis.attribution_patching import Node as TLNode  # type: ignore
+        from transformer_lens.tools.analysis.attribution_patching import Node as TLNode
     except ImportError as err:
         raise LNFreeError("Converting to TransformerLens Nodes needs transformer-lens >= 4.3 "
                           "(transformer_lens.tools.analysis).") from err
@@ -265,7 +265,7 @@ def edge_from_tl(pair: tuple[Any, Any]) -> Edge:
     back = {v: k for k, v in _TL_KINDS.items()}
 
     def node(n: Any) -> Node:
-        kind = back.get(getattr(n, "kind", None))
+        kind = back.get(str(getattr(n, "kind", "")))
         if kind is None:
             raise LNFreeError(f"{n!r} is not a TransformerLens tools.analysis Node.")
         return Node(kind, None if kind in ("embed", "logits") else n.layer, n.head)  # type: ignore[arg-type]

@@ -206,6 +206,7 @@ def faithfulness_curve(
                           disable=not progress or len(masks) <= copies):
             metrics.append(_evaluate(backend, graph, masks[start:start + copies], tokens, mask, f_clean, ablated))
         metrics_t = torch.cat(metrics)
+    assert m_clean is not None and m_ablated is not None  # every run above was given a metric
     denom = float((m_clean - m_ablated).mean())
     faith = [(float(m.mean()) - float(m_ablated.mean())) / denom if denom != 0 else float("nan") for m in metrics_t]
     return {"n_edges": [int(m.sum()) for m in masks], "faithfulness": faith, "metrics": metrics_t,

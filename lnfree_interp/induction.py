@@ -15,9 +15,9 @@ same way (HookedTransformer, TransformerBridge, ``load_hf``, ``load_nnsight``, `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,7 +44,8 @@ class InductionResult:
 
     first_nll: float  #: mean NLL of tokens 2..seq_len of the first copy (nats)
     repeat_nll: float  #: mean NLL of the same tokens in the repeat (nats)
-    induction: Float[Tensor, "n_layers n_heads"]  #: mean attention from a repeat token to the token after its first occurrence
+    #: mean attention from a repeat token to the token after its first occurrence
+    induction: Float[Tensor, "n_layers n_heads"]
     prev_token: Float[Tensor, "n_layers n_heads"]  #: mean attention to the previous position (BOS excluded as a key)
     n_seq: int
     seq_len: int
@@ -313,7 +314,8 @@ def induction_score(
                     pats[layer] = pattern.detach().to("cpu", torch.float64)
                 return fn
 
-            with backend.hooks({n: keep(l) for l, n in enumerate(names)}), backend.hooks({f"blocks.{l}.attn.hook_z": zero(h) for l, h in knocked.items()}):
+            zeroed = {f"blocks.{l}.attn.hook_z": zero(h) for l, h in knocked.items()}
+            with backend.hooks({n: keep(l) for l, n in enumerate(names)}), backend.hooks(zeroed):
                 logits = backend.forward(batch, None)
             if len(pats) != L or any(tuple(p.shape) != (batch.shape[0], H, P, P) for p in pats.values()):
                 raise LNFreeError(f"The {backend.name} backend returned attention patterns of shapes "

@@ -233,6 +233,7 @@ def activation_patching(
         corr_run = backend.run(c_tokens, c_mask, capture=names, metric=f_corr)
         corr, m_corr = corr_run.acts, corr_run.metric
         del corr_run
+        assert m_clean is not None  # the run was given a metric
         effects = torch.empty(len(jobs), batch, dtype=m_clean.dtype, device=m_clean.device)
         chunks = range(0, len(jobs), copies)
         for start in tqdm(chunks, desc="activation patching", disable=not progress or len(chunks) < 3,

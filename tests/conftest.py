@@ -175,6 +175,7 @@ def pytest_generate_tests(metafunc):
         return
     markers = metafunc.definition.own_markers
     for i, mark in enumerate(markers):
-        if mark.name == "parametrize" and len(mark.args) >= 2 and (mark.args[1] is LOADERS or mark.args[1] is TL_BACKENDS):
+        if mark.name == "parametrize" and len(mark.args) >= 2 and (
+                mark.args[1] is LOADERS or mark.args[1] is TL_BACKENDS):
             values = [*mark.args[1], pytest.param("hooked", marks=pytest.mark.skip(reason=NO_HOOKED))]
             markers[i] = pytest.mark.parametrize(mark.args[0], values, *mark.args[2:], **mark.kwargs).mark

@@ -116,7 +116,8 @@ def test_bridge_identity_layernorm_hooks_take_effect(models):
     tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(1))
     w = backend.weights()
     resid = backend.run(tokens, None, capture=["blocks.1.hook_resid_post"]).acts["blocks.1.hook_resid_post"]
-    for name, fn in (("ln_final.hook_scale", lambda a, hook: a * 2), ("ln_final.hook_normalized", lambda a, hook: a / 2)):
+    edits = (("ln_final.hook_scale", lambda a, hook: a * 2), ("ln_final.hook_normalized", lambda a, hook: a / 2))
+    for name, fn in edits:
         with model.hooks(fwd_hooks=[(name, fn)]):
             logits = model(tokens).detach()
         assert (logits - ((resid / 2) @ w.W_U + w.b_U)).abs().max() <= 1e-10, name

@@ -310,7 +310,7 @@ def test_value_bias_convention_matches_transformerlens_fold(models):
     assert (ours.total() - tl_style.total()).abs().max() <= 1e-10  # totals agree
     H, d = 4, 64
     dh = d // H
-    hidden, pattern = {}, {}
+    hidden = {}
     blocks = model.transformer.h
     hs = [blocks[1].ln_1.register_forward_pre_hook(lambda m, a: hidden.__setitem__("x", a[0]))]
     with torch.no_grad():

@@ -175,7 +175,7 @@ def test_trio_headline_figures_recomputed_from_shipped_files():
               f"{r.best_induction[1]:.3f} | {r.best_prev_token[0]} {r.best_prev_token[1]:.3f}")
     assert vanilla <= 4.0291 + 0.05
     assert rows["tiny-shakespeare-lnfree"][0] - vanilla <= 0.10
-    for name, (ce, r) in rows.items():
+    for name, (_ce, r) in rows.items():
         assert r.nll_drop >= 3.0, name
         assert r.best_induction[1] >= 0.5, name
         card = json.loads((EMBEDDED_DIR / name / "lnfree_meta.json").read_text()).get("induction")

@@ -99,7 +99,7 @@ def _blocks(path):
 def test_docs_have_runnable_examples_and_skips_say_why():
     blocks = [b for f in DOC_FILES for b in _blocks(f)]
     assert sum(lang == "python" and not reason for lang, _, reason in blocks) >= 6
-    for lang, code, reason in blocks:
+    for _lang, code, reason in blocks:
         assert reason == "" or len(reason) > 10, f"a skipped block needs a reason: {code[:80]!r}"
 
 

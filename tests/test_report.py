@@ -68,8 +68,9 @@ def test_cli_compare_and_readme_block(tmp_path, capsys):
     text.write_text(TEXT)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- lnfree-compare:start -->\nold\n<!-- lnfree-compare:end -->\n\ntail\n")
-    code = main(["compare", "tiny-shakespeare", "tiny-shakespeare-lnfree", "--out", str(tmp_path / "rep"), "--text", str(text), "--max-tokens", "256",
-                 "--seq-len", "32", "--n-boot", "20", "--update-readme", str(readme)])
+    code = main(["compare", "tiny-shakespeare", "tiny-shakespeare-lnfree", "--out", str(tmp_path / "rep"),
+                 "--text", str(text), "--max-tokens", "256", "--seq-len", "32", "--n-boot", "20",
+                 "--update-readme", str(readme)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"\[\d+/14\] tiny-shakespeare-lnfree: sinks and norms", out)  # progress

@@ -242,7 +242,8 @@ class DivergenceReport:
 
     def __str__(self) -> str:
         return (f"JSD {self.jsd:.4f} nats (median {self.jsd_median:.4f}), KL(A||B) {self.kl_ab:.4f}, "
-                f"KL(B||A) {self.kl_ba:.4f} nats, top-1 agreement {self.top1_agreement:.4f} over {self.n_tokens} tokens")
+                f"KL(B||A) {self.kl_ba:.4f} nats, top-1 agreement {self.top1_agreement:.4f} "
+                f"over {self.n_tokens} tokens")
 
 
 def check_same_vocabulary(model_a: Any, model_b: Any) -> None:

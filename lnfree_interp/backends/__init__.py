@@ -30,7 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -266,7 +266,11 @@ class Backend:
         fns = {n: make(n) for n in names}
         if grad_of:  # activations need a grad path even if every parameter is frozen
             embed = fns.get("hook_embed")
-            fns["hook_embed"] = lambda act, embed=embed: _leaf(embed(act) if embed else act)
+
+            def leaf(act: Tensor) -> Tensor:
+                out = embed(act) if embed else None
+                return _leaf(act if out is None else out)
+            fns["hook_embed"] = leaf
         with model_lock(self.module), eval_mode(self), torch.set_grad_enabled(bool(grad_of)), self.hooks(fns):
             logits = self.forward(tokens, mask)
             value = None
@@ -291,7 +295,7 @@ def _leaf(act: Tensor) -> Tensor:
     return act if act.requires_grad else act.detach().requires_grad_(True)
 
 
-def check_metric(value: object, batch: int, need_grad: bool) -> Tensor:
+def check_metric(value: Any, batch: int, need_grad: bool) -> Tensor:
     """``value`` if it is one scalar per prompt (differentiable when ``need_grad``).
 
     Raises:
@@ -319,7 +323,7 @@ def get_backend(model: object) -> Backend:
         import nnsight
 
         if isinstance(model, nnsight.Envoy) and isinstance(getattr(model, "_module", None), torch.nn.Module):
-            inner = get_backend(model._module)
+            inner: Any = get_backend(model._module)
             return type(inner)(model._module, wrapper=model,
                                name="nnsight" if inner.name == "hf" else "unified")
     if "transformer_lens" in sys.modules:
