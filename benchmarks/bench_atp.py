@@ -74,11 +74,11 @@ def main() -> None:
     args = parse()
     C.setup(args.threads)
     import torch
+    from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
+    from transformer_lens.tools.analysis import attribution_patch
 
     import lnfree_interp as L
     from lnfree_interp.loaders import _tl_backend
-    from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
-    from transformer_lens.tools.analysis import attribution_patch
 
     shape = "tiny" if args.quick else "gpt2-small"
     seq = args.seq or (16 if args.quick else 64)

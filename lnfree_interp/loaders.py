@@ -18,9 +18,9 @@ import torch
 from .builders.hf import (
     IdentityLayerNorm,
     as_dtype,
-    build_gpt2,
     attention_q_scale,
     baseline_eps,
+    build_gpt2,
     check_device,
     check_variant,
     folded_config,

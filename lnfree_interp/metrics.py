@@ -7,7 +7,8 @@ attention mask when a patching function binds them, so ``pos=-1`` is each prompt
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float

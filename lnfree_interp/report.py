@@ -227,10 +227,24 @@ def compare_models(
         LNFreeError: models with different vocabularies or tokenizers, a text shorter than one
             window, a threshold outside (0, 1), and whatever the analyses raise.
     """
-    from . import (activation_patching, attribution_patching, compare_attribution, compare_dla_direct_effect,
-                   evaluate_loss, ioi_prompts, logit_diff)
-    from .analyses import (calibration, check_same_vocabulary, entropy_neuron_scores, first_token_analysis,
-                           neuron_ablation, output_divergence, unembedding_spectrum)
+    from . import (
+        activation_patching,
+        attribution_patching,
+        compare_attribution,
+        compare_dla_direct_effect,
+        evaluate_loss,
+        ioi_prompts,
+        logit_diff,
+    )
+    from .analyses import (
+        calibration,
+        check_same_vocabulary,
+        entropy_neuron_scores,
+        first_token_analysis,
+        neuron_ablation,
+        output_divergence,
+        unembedding_spectrum,
+    )
     from .analyses.windows import DEFAULT_SEQ_LEN, LOGIT_BUDGET, check_fraction
     from .backends import get_backend
     from .checkpoints import EMBEDDED_DIR

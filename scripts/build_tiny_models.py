@@ -371,7 +371,7 @@ def main() -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lnfree_interp.removal import RemovalSchedule, remove_layernorm, save_lnfree, train_lm
+    from lnfree_interp.removal import RemovalSchedule, train_lm
 
     torch.manual_seed(args.seed)
     text = args.data.read_text()

@@ -28,7 +28,7 @@ NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 def _heldout_text() -> str:
     from lnfree_interp import cli, demo
 
-    fn = getattr(demo, "heldout_sample", None) or getattr(cli, "heldout_sample")
+    fn = getattr(demo, "heldout_sample", None) or cli.heldout_sample
     return fn()
 
 

@@ -18,7 +18,7 @@ from torch import nn
 import lnfree_interp as L
 from lnfree_interp import LNFreeError, logit_diff
 
-from .conftest import LOADERS, load, random_gpt2, reference
+from .conftest import LOADERS, load, reference
 
 ANSWER, WRONG = [5, 17, 40], 9
 TOL = 1e-10

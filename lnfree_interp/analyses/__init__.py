@@ -9,10 +9,15 @@ One module per capability, each working on every backend through the seam
 * `windows` - the token windows of a text that all of them use.
 """
 
-from .calibration import (CalibrationReport, DivergenceReport, calibration, check_same_vocabulary,
-                          expected_calibration_error, output_divergence)
-from .entropy_neurons import (NeuronAblation, entropy_neuron_scores, neuron_ablation, null_space,
-                              unembedding_spectrum)
+from .calibration import (
+                          CalibrationReport,
+                          DivergenceReport,
+                          calibration,
+                          check_same_vocabulary,
+                          expected_calibration_error,
+                          output_divergence,
+)
+from .entropy_neurons import NeuronAblation, entropy_neuron_scores, neuron_ablation, null_space, unembedding_spectrum
 from .sinks import SinkReport, attention_sinks, first_token_analysis, residual_norms
 from .windows import token_windows
 

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 
-
 def build_transformers_model(hf_model: torch.nn.Module, tokenizer: Any) -> Any:
     """``nnsight.TransformersModel`` over ``hf_model`` (given a copy of ``tokenizer``: nnsight edits
     it); without a tokenizer, which ``TransformersModel`` cannot do without, a `BatchedNNsight`
