@@ -17,7 +17,11 @@ __version__ = "0.2.0"
 from .analyses import (CalibrationReport, DivergenceReport, NeuronAblation, SinkReport, attention_sinks, calibration,
                        entropy_neuron_scores, expected_calibration_error, neuron_ablation, null_space, output_divergence,
                        residual_norms)
+from .circuits import edge_attribution, edge_patching
+from .faithfulness import evaluate_circuit, faithfulness_curve
+from .graph import Graph
 from .checkpoints import CheckpointInfo, KnownCheckpoint, inspect_checkpoint, list_checkpoints
+from .edge_results import EdgeResult
 from .dla import compare_dla_direct_effect, direct_effect, direct_logit_attribution
 from .errors import LNFreeError
 from .evaluation import LossReport, evaluate_loss
@@ -25,8 +29,10 @@ from .fold import fold_state_dict
 from .induction import InductionResult, induction_score
 from .case_study import InductionCaseStudy, induction_case_study
 from .ioi import IOIPrompts, ioi_prompts
+from .lens import AttentionScores, LensResult, attention_scores, logit_lens
 from .loaders import Verification, load_hf, load_hooked, load_nnsight, load_unified, verify
 from .metrics import logit_diff, logprob
+from .nodes import Edge, Node, n_edges
 from .patching import activation_patching, attribution_patching, compare_attribution
 from .removal import FakeLayerNorm, RemovalSchedule, remove_layernorm, save_lnfree
 from .report import ModelComparison, compare_models
@@ -37,6 +43,9 @@ __all__ = [
     # loading
     "load_hf", "load_hooked", "load_nnsight", "load_unified", "verify", "Verification",
     "inspect_checkpoint", "CheckpointInfo", "list_checkpoints", "KnownCheckpoint", "fold_state_dict",
+    # circuits
+    "edge_attribution", "edge_patching", "evaluate_circuit", "faithfulness_curve", "EdgeResult", "Graph",
+    "Node", "Edge", "n_edges", "logit_lens", "LensResult", "attention_scores", "AttentionScores",
     # attribution
     "direct_logit_attribution", "direct_effect", "compare_dla_direct_effect",
     "attribution_patching", "activation_patching", "compare_attribution", "logit_diff", "logprob",

@@ -30,7 +30,7 @@ EMBEDDED = ("tiny-shakespeare", "tiny-shakespeare-vanilla", "tiny-shakespeare-ln
 
 def _load(args: argparse.Namespace, kind: str = "hooked", **kwargs: Any):
     from . import load_hf, load_hooked
-    from ._hf import as_dtype
+    from .builders.hf import as_dtype
 
     opts = {"dtype": as_dtype(getattr(args, "dtype", "float32")),
             "expect_lnfree": not getattr(args, "baseline", False)}
@@ -87,7 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ._hf import as_dtype
+    from .builders.hf import as_dtype
     from .checkpoints import inspect_checkpoint
     from .demo import verify_all
 
@@ -271,7 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from ._hf import DTYPES
+    from .builders.hf import DTYPES
 
     parser = argparse.ArgumentParser(prog="lnfree-interp", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
