@@ -70,7 +70,8 @@ def edge_attribution(
     first-order estimate of ``metric(edge patched) - metric(clean)`` (the sign convention of
     [`attribution_patching`][lnfree_interp.attribution_patching]). Cost: one corrupted forward and one clean forward +
     backward (EAP), or ``steps`` forwards + backwards on inputs interpolated between the corrupted
-    and clean embeddings (EAP-IG-inputs, Hanna et al. 2024, ``alpha = k / steps``, k = 1..steps).
+    and clean embeddings (EAP-IG-inputs, Hanna et al. 2024, ``alpha = k / steps``, k = 1..steps; the
+    last step is the clean run EAP uses).
     All scores are one batched contraction per reader layer.
 
     Args:
@@ -116,18 +117,14 @@ def edge_attribution(
     grad_names = [n for n in rnames if "resid_pre" not in n and "resid_mid" not in n]
     with torch.no_grad():
         corr = backend.run(c_tokens, c_mask, capture=wnames, metric=f_corr)
-    if method == "eap":
-        clean_run = backend.run(tokens, mask, capture=list(dict.fromkeys(wnames + rnames)), grad_of=grad_names,
-                                metric=f_clean)
-        runs = [clean_run]
-    else:
-        clean_run = backend.run(tokens, mask, capture=list(dict.fromkeys(wnames + rnames)), metric=f_clean)
-        e_clean = clean_run.acts["hook_embed"]
-        e_corr = corr.acts["hook_embed"]
-        runs = []
-        for k in range(1, steps + 1):
-            alpha = k / steps
-            mix = {"hook_embed": lambda act, a=alpha: e_corr + a * (e_clean - e_corr)}
+    # the clean run is EAP's only gradient pass and EAP-IG's last step (alpha = 1: the clean embeddings)
+    clean_run = backend.run(tokens, mask, capture=list(dict.fromkeys(wnames + rnames)), grad_of=grad_names,
+                            metric=f_clean)
+    runs = [clean_run]
+    if method == "eap-ig":
+        e_clean, e_corr = clean_run.acts["hook_embed"], corr.acts["hook_embed"]
+        for k in range(1, steps):
+            mix = {"hook_embed": lambda act, a=k / steps: e_corr + a * (e_clean - e_corr)}
             runs.append(backend.run(tokens, mask, hooks=mix, capture=rnames, grad_of=grad_names, metric=f_clean))
     valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.logits.dtype)  # [B, P]
     with torch.no_grad():
@@ -146,7 +143,8 @@ def edge_attribution(
         dense[~graph.valid] = 0
         values = dense[graph.edge_index]  # [E, (P,) B]
     linear = bool(getattr(metric, "linear", False))
-    exact = backend.norms().ln_final.is_identity and linear and method == "eap"
+    # into the logits the gradient is constant for a linear metric on an LN-free model: EAP and EAP-IG are exact
+    exact = backend.norms().ln_final.is_identity and linear
     return EdgeResult(
         values=values, edges=graph.edges, metric=clean_run.metric, kind=method, n_layers=L,
         n_heads=backend.n_heads, positions=list(range(P)) if per_position else None,

@@ -196,7 +196,7 @@ class EdgeResult:
         df = self.top(k)
         csv = base.with_suffix(".csv")
         self.to_dataframe().to_csv(csv, index=False)
-        edges = self.top_edges(k)
+        edges = [Edge.parse(label) for label in df["edge"]]  # the table's own order: labels match values
         xs, ys, text = [], [], []
         for e, v in zip(edges, df["mean"]):
             (x0, y0), (x1, y1) = (_layout(_node_key(n), self.n_layers, self.n_heads) for n in (e.writer, e.reader))

@@ -87,9 +87,13 @@ def test_eap_logit_edges_exact_and_node_sums_equal_atp(models, encoding):
             assert abs(nodes[label_of(lab)] - atp.values[i].mean().item()) <= 1e-10
     atp = L.attribution_patching(model, clean, corrupted, metric, nodes="resid_pre", per_position=False)
     assert abs(nodes["embed"] - atp.values[atp.labels.index("0_resid_pre")].mean().item()) <= 1e-10
-    # EAP-IG with one step is EAP
+    # EAP-IG with one step is EAP; with more steps its edges into the logits are still exact LN-free
     ig1 = L.edge_attribution(model, clean, corrupted, metric, method="eap-ig", steps=1)
     assert (ig1.values - eap.values).abs().max() <= 1e-10
+    ig3 = L.edge_attribution(model, clean, corrupted, metric, method="eap-ig", steps=3)
+    ig_err = (ig3.values[into_logits] - ep.values[into_logits]).abs().max().item()
+    assert (ig_err <= 1e-10) == lnfree and bool(ig3.exact_edges()) == lnfree
+    assert (ig3.values - eap.values).abs().max() > 1e-8  # the interpolation changes the other edges
     # per-position scores sum to the position-summed ones
     pp = L.edge_attribution(model, clean, corrupted, metric, per_position=True)
     assert (pp.values.sum(1) - eap.values).abs().max() <= 1e-10
