@@ -91,7 +91,7 @@ def edge_attribution(
     Returns:
         `EdgeResult` (``kind="eap"`` / ``"eap-ig"``), ``values [edge, batch]`` in the metric's
         units; ``exact_edges()`` are those into ``logits`` when the model is LN-free and the metric
-        linear in the logits (there EAP equals `edge_patching`).
+        linear in the logits (there EAP and EAP-IG equal `edge_patching`).
 
     Raises:
         LNFreeError: unknown method, ``steps < 1``, clean/corrupted length mismatch, a metric that is not
