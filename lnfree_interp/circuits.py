@@ -202,7 +202,13 @@ def edge_patching(
         raise LNFreeError(f"batch_size={batch_size!r} must be an integer >= 1.")
     backend = get_backend(model)
     graph = graph_of(backend)
+    if isinstance(edges, (str, Edge)):
+        edges = [edges]
     chosen = graph.edges if edges is None else [Edge.parse(e) for e in edges]
+    if not chosen:
+        raise LNFreeError("edges=[]: pass at least one edge (or None for every edge of the graph).")
+    if len(set(chosen)) != len(chosen):
+        raise LNFreeError("edges lists some edge more than once; pass each edge once.")
     graph.mask(chosen)  # validates
     if is_loader(clean) or prepare_count(backend, clean) > batch_size:  # stream the prompts
         return stream_pairs(edge_patching, model, clean, corrupted, metric, chunk=batch_size, show_progress=progress,

@@ -85,7 +85,13 @@ class EdgeResult:
         return pd.DataFrame(rows)
 
     def top(self, k: int = 20):
-        """The ``k`` largest edges by |batch-mean score| as a DataFrame."""
+        """The ``k`` largest edges by |batch-mean score| as a DataFrame.
+
+        Raises:
+            LNFreeError: ``k`` is not a non-negative integer.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise LNFreeError(f"k={k!r} must be a non-negative integer.")
         df = self.to_dataframe()
         return df.reindex(df["abs_mean"].sort_values(ascending=False).index).head(k).reset_index(drop=True)
 

@@ -28,6 +28,10 @@ def _circuit_masks(graph: Graph, circuits: Sequence[Any]) -> Tensor:
     """``[J, W, R]`` boolean masks of J circuits (each an iterable of edges, or a ``[W, R]`` mask)."""
     out = []
     for c in circuits:
+        if isinstance(c, EdgeResult) or isinstance(c, str):
+            raise LNFreeError("A circuit is a list of edges (e.g. result.top_edges(50)) or a [writers, readers] "
+                              "boolean mask; for the top-n edges of a result at several n use "
+                              "faithfulness_curve(model, (result, [n1, n2, ...]), ...).")
         if torch.is_tensor(c) and c.dtype == torch.bool:
             if c.shape != graph.valid.shape:
                 raise LNFreeError(f"A circuit mask must be [writers, readers] = {tuple(graph.valid.shape)}; got "
@@ -208,6 +212,14 @@ def faithfulness_curve(
         metrics_t = torch.cat(metrics)
     assert m_clean is not None and m_ablated is not None  # every run above was given a metric
     denom = float((m_clean - m_ablated).mean())
+    scale = float((m_clean.abs() + m_ablated.abs()).mean()) / 2
+    if abs(denom) <= 0.05 * scale:
+        import warnings
+
+        warnings.warn(f"The clean and ablated metrics barely differ (mean {float(m_clean.mean()):.4g} vs "
+                      f"{float(m_ablated.mean()):.4g}): normalised faithfulness divides by their difference and is "
+                      "unreliable here (nan when they are equal). Use a task whose corruption changes the metric.",
+                      stacklevel=2)
     faith = [(float(m.mean()) - float(m_ablated.mean())) / denom if denom != 0 else float("nan") for m in metrics_t]
     return {"n_edges": [int(m.sum()) for m in masks], "faithfulness": faith, "metrics": metrics_t,
             "metric_clean": m_clean, "metric_ablated": m_ablated, "ablation": ablation}

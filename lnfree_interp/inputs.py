@@ -85,9 +85,12 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
             raise LNFreeError("attention_mask is only meaningful with token ids, not strings.")
         tokens, mask = tokenize(backend.model, list(inputs))
     else:
+        if isinstance(inputs, torch.utils.data.DataLoader):
+            raise LNFreeError("This function takes one batch of prompts, not a DataLoader; the attribution "
+                              "functions with a batch_size= argument stream DataLoaders.")
         try:
             tokens = torch.as_tensor(inputs)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
             raise LNFreeError(f"Cannot read inputs of type {type(inputs).__name__}: pass strings or token "
                               "ids [batch, pos].") from err
         if tokens.is_floating_point() or tokens.dtype == torch.bool:

@@ -148,9 +148,20 @@ class AttentionScores:
     query_pos: Tensor
 
     def at(self, key_pos: int | list[int]) -> Tensor:
-        """``[query_source, key_source, batch]`` at one key position per prompt."""
-        k = torch.as_tensor(key_pos).long().expand(self.values.shape[2])
-        return self.values[:, :, torch.arange(self.values.shape[2]), k]
+        """``[query_source, key_source, batch]`` at one key position per prompt (``nan`` for keys after the
+        query: masked).
+
+        Raises:
+            LNFreeError: positions outside the sequence, or a count that is neither 1 nor the batch size.
+        """
+        batch, n_keys = self.values.shape[2], self.values.shape[3]
+        k = torch.as_tensor(key_pos).long().reshape(-1)
+        if k.numel() == 1:
+            k = k.expand(batch)
+        if k.numel() != batch or bool(((k < -n_keys) | (k >= n_keys)).any()):
+            raise LNFreeError(f"key_pos={key_pos!r}: pass one key position, or one per prompt ({batch}), in "
+                              f"[{-n_keys}, {n_keys}).")
+        return self.values[:, :, torch.arange(batch), k % n_keys]
 
     def top(self, key_pos: int | list[int], k: int = 10):
         """The ``k`` (query source, key source) pairs with the largest |batch-mean| contribution."""

@@ -80,6 +80,9 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
     """Yield ``{"inputs": (tokens, mask), "corrupted": (tokens, mask) | None, **per_prompt}`` per batch."""
     per_prompt = dict(per_prompt or {})
     pair_wanted = corrupted is not None or "metric" in per_prompt
+    if is_loader(inputs) and corrupted is not None:
+        raise LNFreeError("With a DataLoader of (clean, corrupted) pairs the corrupted prompts come from the "
+                          "DataLoader: pass corrupted=None.")
     if is_loader(inputs):
         for item in inputs:
             extra = {}

@@ -282,3 +282,34 @@ def test_reader_inputs_are_the_sum_of_their_writers(models, loader):
         assert (total - acts[f"blocks.{layer}.hook_resid_mid"]).abs().max() <= 1e-10
         total = total + outs[first + H]
         assert (total - acts[f"blocks.{layer}.hook_resid_post"]).abs().max() <= 1e-10
+
+
+def test_more_bad_input_found_by_a_new_user(models):
+    from torch.utils.data import DataLoader
+
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    with pytest.raises(LNFreeError, match="at least one edge"):
+        L.edge_patching(model, clean, corrupted, metric, edges=[])
+    with pytest.raises(LNFreeError, match="more than once"):
+        L.edge_patching(model, clean, corrupted, metric, edges=["L0H0->logits", "L0H0->logits"])
+    one = L.edge_patching(model, clean, corrupted, metric, edges="L0H0->logits", progress=False)  # a bare label
+    assert [e.label for e in one.edges] == ["L0H0->logits"]
+    eap = L.edge_attribution(model, clean, corrupted, metric)
+    with pytest.raises(LNFreeError, match="top_edges"):
+        L.evaluate_circuit(model, eap, clean, corrupted, metric)
+    with pytest.raises(LNFreeError, match="non-negative"):
+        eap.top(-1)
+    with pytest.raises(LNFreeError, match="DataLoader"):
+        L.evaluate_circuit(model, [], DataLoader(list(zip(clean, corrupted)), batch_size=2), None, metric)
+    with pytest.raises(LNFreeError, match="corrupted=None"):
+        L.edge_attribution(model, DataLoader(list(zip(clean, corrupted)), batch_size=2), corrupted, metric,
+                           progress=False)
+    with pytest.warns(UserWarning, match="barely differ"):
+        same = L.evaluate_circuit(model, [], clean, clean, metric)
+    assert same["faithfulness"] != same["faithfulness"]  # nan: clean == corrupted
+    att = L.attention_scores(model, clean, "L1H0", query_pos=-1)
+    assert att.at([0, 1, 2]).shape[-1] == 3
+    with pytest.raises(LNFreeError, match="key_pos"):
+        att.at(999)
