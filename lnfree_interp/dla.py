@@ -228,9 +228,9 @@ class _Request:
         if any(x not in all_layers for x in chosen):
             raise LNFreeError(f"layers={chosen}: the model has layers 0..{backend.n_layers - 1}.")
         w = backend.weights()
-        direction, bias = w.W_U[:, answer_ids].T, w.b_U[answer_ids]
+        direction, bias = w.W_U[:, answer_ids].T.detach(), w.b_U[answer_ids].detach()  # numbers, not a graph
         if wrong_ids is not None:
-            direction, bias = direction - w.W_U[:, wrong_ids].T, bias - w.b_U[wrong_ids]
+            direction, bias = direction - w.W_U[:, wrong_ids].T.detach(), bias - w.b_U[wrong_ids].detach()
         return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen, top_k,
                    value_bias, direction, bias, backend.norms().ln_final.is_identity)
 
