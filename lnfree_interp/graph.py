@@ -39,9 +39,16 @@ class Graph:
         self.n_edges = int(self.valid.sum())
         if self.n_edges != n_edges(n_layers, n_heads):  # pragma: no cover - the two are one definition
             raise LNFreeError("Internal error: edge count mismatch.")
-        wi, ri = self.valid.nonzero(as_tuple=True)
-        self.edge_index = (wi, ri)  # edges in writer-major order
-        self.edges = [Edge(self.writers[int(a)], self.readers[int(b)]) for a, b in zip(wi, ri)]
+        self.edge_index = self.valid.nonzero(as_tuple=True)  # edges in writer-major order
+        self._edges: list[Edge] | None = None
+
+    @property
+    def edges(self) -> list[Edge]:
+        """Every edge, writer-major (built on first use: GPT-2 XL has 2.2 M)."""
+        if self._edges is None:
+            wi, ri = self.edge_index
+            self._edges = [Edge(self.writers[a], self.readers[b]) for a, b in zip(wi.tolist(), ri.tolist())]
+        return self._edges
 
     def reader_slice(self, layer: int) -> tuple[int, int]:
         """Reader indices ``[start, stop)`` of one layer (q of every head, k, v, then ``mlp_in``)."""
