@@ -74,22 +74,38 @@ def _evaluate(backend: Backend, graph: Graph, masks: Tensor, tokens: Tensor, mas
                 running.append(split(total.expand(J * B, *total.shape[1:])))
         return fn
 
-    cache: dict[int, Tensor] = {}
+    on = (masks & graph.valid).to(ablated.dtype)  # [J, W, R]: circuit edges (running values)
+    # cum = sum over the writers so far of (ablated - running): the extra of a reader with no circuit edge.
+    # A reader's extra is cum minus its circuit edges' terms, or the sum of its non-circuit edges' terms,
+    # whichever touches fewer writers (sparse circuits: a few; near-full circuits: a few).
+    state: dict[str, Any] = {"cum": None, "n": 0}
+
+    def diff(ws: list[int]) -> Tensor:  # [J, len(ws), B, P, d]
+        return ablated[ws][None] - torch.stack([running[w] for w in ws], dim=1)
 
     def extra(layer: int | None, kind: str):
         n = len(running)
+        for w in range(state["n"], n):
+            d = ablated[w][None] - running[w]
+            state["cum"] = d if state["cum"] is None else state["cum"] + d
+        state["n"] = n
         if layer is None:
             r_idx = [len(graph.readers) - 1]
         else:
             start, _ = graph.reader_slice(layer)
             base = {"q": 0, "k": H, "v": 2 * H, "mlp_in": 3 * H}[kind]
             r_idx = [start + base + h for h in range(H if kind in "qkv" else 1)]
-        if n not in cache:
-            cache.clear()
-            cache[n] = ablated[None, :n] - torch.stack(running).transpose(0, 1)  # [J, n, B, P, d]
-        diff = cache[n]
-        coef = off[:, :n][:, :, r_idx]  # [J, n, r]
-        out = torch.einsum("jwr,jwbpd->jrbpd", coef, diff)
+        c_on, c_off = on[:, :n][:, :, r_idx], off[:, :n][:, :, r_idx]  # [J, n, r]
+        w_on = c_on.any(0).any(-1).nonzero().flatten().tolist()
+        w_off = c_off.any(0).any(-1).nonzero().flatten().tolist()
+        if len(w_on) <= len(w_off):
+            out = state["cum"][:, None].expand(J, len(r_idx), *state["cum"].shape[1:])
+            if w_on:
+                out = out - torch.einsum("jwr,jwbpd->jrbpd", c_on[:, w_on], diff(w_on))
+        elif not w_off:  # every edge into these readers is in every circuit: their clean input
+            return None
+        else:
+            out = torch.einsum("jwr,jwbpd->jrbpd", c_off[:, w_off], diff(w_off))
         return out if kind in "qkv" else out[:, 0]
 
     rebuild = Rebuild(backend, J, extra)
