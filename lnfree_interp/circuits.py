@@ -123,9 +123,22 @@ def edge_attribution(
     runs = [clean_run]
     if method == "eap-ig":
         e_clean, e_corr = clean_run.acts["hook_embed"], corr.acts["hook_embed"]
+        # LN-free the reader gradients are linear in the hook gradients whatever the activations: sum those
+        # as the steps come (one reader_grads per layer, one set of gradients in memory); an LN baseline's
+        # vector-Jacobian product depends on each step's residual stream, so each step is kept.
+        lnfree = backend.norms().lnfree
         for k in range(1, steps):
             mix = {"hook_embed": lambda act, a=k / steps: e_corr + a * (e_clean - e_corr)}
-            runs.append(backend.run(tokens, mask, hooks=mix, capture=rnames, grad_of=grad_names, metric=f_clean))
+            run = backend.run(tokens, mask, hooks=mix, capture=[] if lnfree else rnames, grad_of=grad_names,
+                              metric=f_clean)
+            if lnfree:
+                for n in grad_names:
+                    clean_run.grads[n] = clean_run.grads[n] + run.grads[n]
+            else:
+                runs.append(run)
+        if lnfree:
+            for n in grad_names:
+                clean_run.grads[n] = clean_run.grads[n] / steps
     valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.logits.dtype)  # [B, P]
     with torch.no_grad():
         delta = (writer_outputs(backend, corr.acts) - writer_outputs(backend, clean_run.acts))

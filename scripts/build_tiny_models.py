@@ -1,6 +1,6 @@
 """Build the embedded tiny-shakespeare trio (see lnfree_interp/models/*/README.md).
 
-    python scripts/build_tiny_models.py               # ~40 min on 2 CPU cores, progress bars
+    python scripts/build_tiny_models.py --threads 2   # ~1 hour on 2 CPU cores, progress bars
     python scripts/build_tiny_models.py --quick       # a few minutes, for trying the pipeline (not shipped)
     python scripts/build_tiny_models.py --cards-only  # re-measure the shipped models, rewrite the cards
 
@@ -8,22 +8,19 @@ Reads ../shared/data/tinyshakespeare.txt (first 90% of characters train, last 10
 
 1. a byte-level BPE tokenizer trained on the training split (HF ``tokenizers``);
 2. ``tiny-shakespeare``: GPT-2 architecture (4 layers, 4 heads, d_model 128, n_ctx 128) trained from
-   scratch with LayerNorm;
+   scratch with LayerNorm, in the phases of ``RECIPE`` (``--phases``);
 3. ``tiny-shakespeare-vanilla``: (2) fine-tuned further with LN kept, as many steps as (4) - the control;
 4. ``tiny-shakespeare-lnfree``: (2) with every LayerNorm removed by the paper's procedure
    (:func:`lnfree_interp.removal.remove_layernorm`), saved in the schaeff encoding.
 
-Options for issue 9 (induction heads in the trio; NOT yet achieved, see below): ``--mix-phases`` adds
-pre-training phases on the *repeat mix* after the plain-text steps, ``--repeat-share`` puts it into both
-fine-tunes. In the repeat mix a share of the 128-token windows has a span of 8-64 tokens repeated right after
-itself (natural text, the span shuffled, or uniformly random tokens; see :func:`repeat_batches`). With the
-defaults (no mix) the script is the recipe of the shipped trio.
-
-Status (2026-12-02): continuing the shipped ``tiny-shakespeare`` (1000 plain steps) on the repeat mix for
-200 + 160 + 500 steps (lr 1e-3 / 2e-3, share 0.4-0.8, batch 32 / 8) gave no induction at all (repeat-NLL drop
-< 0.05 nats): its attention is nearly uniform (no previous-token head) and it does not leave that plateau in
-that budget. A fresh model with the mix from step 0 is the next thing to try (``/tmp``-style experiment
-in the issue-9 report).
+Induction heads (issue 9). On plain text, or with repeated spans alone (:func:`repeat_batches`), a model of
+this size stays on the induction plateau for the whole CPU budget (2,000 steps with every window holding a
+repeated random span: repeat-NLL drop 0.05 nats). Adding *previous-token sequences* (``x[t+1] = perm[x[t-1]]``,
+the ``prev`` share of a phase) makes a previous-token head worth having on its own; induction then forms
+after ~500 steps (drop 0.09 at step 500, 1.2 at 1000, 2.9 at 1500 in a 1-thread trial). The recipe: phase 0
+with repeats + previous-token sequences until the probe's drop reaches 3.5 nats, then a mostly plain-text
+phase for language modelling, then both fine-tunes with a 0.2 repeat share (keeps the circuit through the
+LayerNorm removal).
 
 Then measures held-out loss (and a unigram baseline), induction
 (:func:`lnfree_interp.induction_score`) and writes each model card. CI never runs this.
@@ -62,9 +59,9 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: float, vocab: int,
-                   min_span: int = 8, max_copies: int = 2):
+                   min_span: int = 8, max_copies: int = 2, prev_share: float = 0.0):
     """Random windows ``[batch_size, seq_len]`` as :func:`lnfree_interp.removal.batches`, with a share
-    of them holding a repeated span (seeded).
+    of them holding a repeated span and another share replaced by previous-token sequences (seeded).
 
     In a chosen window ``w`` a span ``w[P:P+L]`` (``L`` uniform in ``[min_span, seq_len // 2]``, ``P``
     uniform) is followed by a copy of itself, and the window then continues with the text that followed
@@ -73,14 +70,21 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
     only be predicted by looking back (induction), not from the language; varying ``L`` and ``P``
     rules out a fixed-offset positional shortcut. With ``max_copies`` > 2 the span appears ``c`` times in a
     row, ``c`` uniform in ``[2, min(max_copies, seq_len // L)]`` (more induction-predictable tokens per window).
+
+    A previous-token sequence (share ``prev_share``) starts with two random ids and continues with
+    ``x[t+1] = perm[x[t-1]]`` for one fixed random permutation ``perm`` of the vocabulary: the next token is
+    a function of the token *before* the current one, which a head attending to the previous position
+    provides - the first half of an induction circuit, learnt directly instead of waiting for it.
     """
     gen = torch.Generator().manual_seed(seed)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long),
+                      torch.randperm(vocab - 1, generator=torch.Generator().manual_seed(7)) + 1])  # id 0 stays
     n = tokens.numel()
     while True:
         starts = torch.randint(0, n - seq_len, (batch_size,), generator=gen)
         x = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
-        chosen = torch.rand(batch_size, generator=gen) < share
-        for i in chosen.nonzero().flatten().tolist():
+        u = torch.rand(batch_size, generator=gen)
+        for i in (u < share).nonzero().flatten().tolist():
             L = int(torch.randint(min_span, seq_len // 2 + 1, (1,), generator=gen))
             c = 2 if max_copies <= 2 else int(torch.randint(2, min(max_copies, seq_len // L) + 1, (1,), generator=gen))
             P = int(torch.randint(0, seq_len - c * L + 1, (1,), generator=gen))
@@ -92,20 +96,27 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
             elif kind == 2:
                 span = torch.randint(1, vocab, (L,), generator=gen)  # id 0 is <|endoftext|>
             x[i] = torch.cat([w[:P], *[span] * c, w[P + L : seq_len - (c - 1) * L]])
+        for i in ((u >= share) & (u < share + prev_share)).nonzero().flatten().tolist():
+            seq = torch.empty(seq_len, dtype=torch.long)
+            seq[:2] = torch.randint(1, vocab, (2,), generator=gen)
+            for t in range(1, seq_len - 1):
+                seq[t + 1] = perm[seq[t - 1]]
+            x[i] = seq
         yield x
 
 
 @contextlib.contextmanager
-def repeat_mix(share: float, vocab: int, max_copies: int = 2):
+def repeat_mix(share: float, vocab: int, max_copies: int = 2, prev_share: float = 0.0):
     """Make :func:`lnfree_interp.removal.train_lm` (and so ``remove_layernorm``) draw
     :func:`repeat_batches` for the duration of the block (it looks ``batches`` up at call time)."""
     import lnfree_interp.removal as removal
 
-    if share <= 0:  # plain windows, exactly removal.batches
+    if share <= 0 and prev_share <= 0:  # plain windows, exactly removal.batches
         yield
         return
     original = removal.batches
-    removal.batches = functools.partial(repeat_batches, share=share, vocab=vocab, max_copies=max_copies)
+    removal.batches = functools.partial(repeat_batches, share=share, vocab=vocab, max_copies=max_copies,
+                                        prev_share=prev_share)
     try:
         yield
     finally:
@@ -189,12 +200,26 @@ def sample(model, tok, prompt: str, seed: int, n: int = 60) -> str:
     return tok.decode(out[0])
 
 
-MIX_TEXT = ("Data mix (the repeat mix): a share of the 128-token windows holds a span of 8-64 tokens followed by a copy of itself (the window then "
-            "continues with the text that followed the span); the span is the natural text (1/3), the same "
-            "tokens shuffled (1/3) or uniformly random token ids (1/3). Varying span length and place rules "
-            "out a fixed-offset shortcut; the shuffled and random spans can only be predicted by looking "
-            "back: a training signal for induction heads. The other windows are "
-            "plain Tiny Shakespeare.")
+MIX_TEXT = ("Data mix: in a phase with a repeat share, that share of the 128-token windows holds a span of "
+            "8-64 tokens followed by copies of itself (the window then continues with the text that followed the "
+            "span); the span is the natural text (1/3), the same tokens shuffled (1/3) or uniformly random token "
+            "ids (1/3). Varying span length and place rules out a fixed-offset shortcut; the shuffled and random "
+            "spans can only be predicted by looking back: the training signal for induction heads. With a "
+            "previous-token share, that share of windows is a synthetic sequence ``x[t+1] = perm[x[t-1]]`` (two "
+            "random ids, then one fixed random permutation of the vocabulary): predicting it needs the token before "
+            "the current one, so a previous-token head - the first half of an induction circuit - forms early "
+            "instead of after a long plateau. The other windows are plain Tiny Shakespeare.")
+
+
+def phase_rows(phases: list[dict], stopped: dict) -> str:
+    rows = ["| phase | steps | peak lr | batch | repeat share | most copies | previous-token share | dropout | stop |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for i, ph in enumerate(phases):
+        stop = "—" if ph["stop"] == float("inf") else f"drop >= {ph['stop']:g} nats"
+        ran = f"{stopped[str(i)]} (stopped)" if str(i) in stopped else f"{ph['steps']}"
+        rows.append(f"| {i} | {ran} of {ph['steps']} | {ph['lr']:g} | {ph['batch']} | {ph['share']:g} | {ph['copies']} | "
+                    f"{ph['prev']:g} | {ph['dropout']:g} | {stop} |")
+    return "\n".join(rows)
 
 
 def card(name: str, meta: dict, table: list[tuple[str, float, float]], ind: dict, samples: dict[str, str]) -> str:
@@ -212,18 +237,7 @@ def card(name: str, meta: dict, table: list[tuple[str, float, float]], ind: dict
                      if r.nll_drop >= 3 and r.best_induction[1] >= 0.5 else
                      f"It has no induction head (repeat-NLL drop {r.nll_drop:.2f} nats, best induction score "
                      f"{r.best_induction[1]:.2f}), see below.")
-    mixed = bool(meta.get("mix_phases")) or meta.get("repeat_share", 0) > 0
-    mix = f"* {MIX_TEXT}\n" if mixed else ""
     ft_mix = f", on the repeat mix with share {meta['repeat_share']}" if meta.get("repeat_share", 0) > 0 else ""
-    stopped = "".join(f"; phase {i} stopped at step {n}" for i, n in (meta.get("mix_stopped") or {}).items())
-    phases = ("" if not meta.get("mix_phases") else
-              "; then the repeat mix in phases (steps:peak lr:share of windows:dropout:most copies of the span"
-              "[:batch[:stop once the repeat-NLL drop reaches this]], each a fresh AdamW with warm-up and cosine "
-              f"decay) {meta['mix_phases']}{stopped}")
-    from_base = ("" if not meta.get("from_base") else
-                 " (this build took those steps from the previous trio's `tiny-shakespeare`, built 2026-11-30 by the "
-                 "same code in 30 minutes" + (f", and its first {meta['skip_phases']} mix phase(s) from a checkpoint of "
-                 "an earlier run of this build" if meta.get("skip_phases") else "") + ")")
     what = {
         "tiny-shakespeare": "trained from scratch with LayerNorm (the original).",
         "tiny-shakespeare-vanilla": "`tiny-shakespeare` fine-tuned further with LayerNorm kept, for as many steps "
@@ -244,8 +258,13 @@ Part of the embedded trio of `lnfree_interp`, built by `scripts/build_tiny_model
 * Data: `tinyshakespeare.txt` (1,115,394 characters, public domain); first 90% of characters for
   training ({meta['train_tokens']} tokens), last 10% held out ({meta['heldout_tokens']} tokens).
 * Tokenizer: byte-level BPE trained on the training split (HF `tokenizers`), `<|endoftext|>` as BOS/EOS.
-{mix}* Pre-training: {meta['pretrain_steps']} AdamW steps on plain text, batch {meta['batch_size']} x {meta['seq_len']} tokens,
-  lr {meta['pretrain_lr']}, warm-up then cosine decay, dropout {meta['dropout']}{from_base}{phases}.
+* {MIX_TEXT}
+* Pre-training from scratch in phases, each a fresh AdamW (warm-up 50 steps, cosine decay to 10%) on
+  windows of {meta['seq_len']} tokens; a phase with a stop ends once the repeat-NLL drop of 8 random
+  40-token spans (a probe every {meta['probe_every']} steps) reaches it:
+
+{phase_rows(meta['phases'], meta['stopped'])}
+
 * Fine-tuning (vanilla and LN-free{ft_mix}): {meta['ft_steps']} steps,
   batch {meta['ft_batch']} x {meta['seq_len']}, lr {meta['ft_lr']}; removal schedule {meta['schedule']}.
 * Vocabulary size: with 4096 tokens, 1.5% of held-out tokens were ones seen fewer than 5 times in
@@ -329,6 +348,28 @@ def measure_and_write_cards(args, dirs: dict, meta: dict, t0: float) -> None:
         raise SystemExit(f"quality bar missed {failed}")
 
 
+# The shipped recipe (issue 9): phases "key=value,..." separated by ";" (see parse_phases).
+RECIPE = ("steps=4000,lr=2e-3,batch=16,share=0.33,prev=0.33,copies=4,stop=3.5;"
+          "steps=1500,lr=1e-3,batch=32,share=0.2,copies=2,dropout=0.1")
+PHASE_DEFAULTS = {"steps": 0, "lr": 2e-3, "batch": 32, "share": 0.0, "prev": 0.0, "copies": 2, "dropout": 0.0,
+                  "stop": float("inf")}
+
+
+def parse_phases(spec: str) -> list[dict]:
+    """``"steps=4000,lr=2e-3,share=0.33,prev=0.33,stop=3.5;steps=1500,share=0.2"`` -> one dict per phase
+    (keys: steps, lr, batch, share = repeat share, prev = previous-token share, copies, dropout, stop)."""
+    phases = []
+    for part in filter(None, spec.split(";")):
+        ph = dict(PHASE_DEFAULTS)
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            if key not in ph:
+                raise SystemExit(f"unknown phase key {key!r} in {part!r}; keys: {', '.join(ph)}")
+            ph[key] = type(ph[key])(float(value)) if key in ("steps", "batch", "copies") else float(value)
+        phases.append(ph)
+    return phases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -340,29 +381,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the pre-training (the two fine-tunes run as 2 processes of 1 thread)")
     parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--phases", default=RECIPE,
+                        help="pre-training phases, ';'-separated, each 'key=value,...' with keys steps, lr, batch, "
+                             "share (repeat share), prev (previous-token share), copies, dropout, stop (end the phase "
+                             "once the probe's repeat-NLL drop reaches this many nats); default: the shipped recipe")
     parser.add_argument("--gap", type=int, default=30, help="steps between LayerNorm removals")
     parser.add_argument("--tail", type=int, default=200, help="steps after the last removal")
-    parser.add_argument("--mix-phases", default="",
-                        help="pre-training with the repeat mix after the plain-text steps: comma-separated phases "
-                             "STEPS:PEAK_LR:SHARE:DROPOUT:MAX_COPIES[:BATCH[:STOP]], each a fresh AdamW with warm-up "
-                             "and cosine decay; STOP ends the phase once the probe's repeat-NLL drop reaches it")
     parser.add_argument("--ft-batch", type=int, default=32, help="batch size of the two fine-tunes")
-    parser.add_argument("--prior-minutes", type=float, default=0.0,
-                        help="with --skip-phases: wall minutes the skipped phases took, added to the build time")
-    parser.add_argument("--skip-phases", type=int, default=0,
-                        help="with --from-base: the first K mix phases are already in that checkpoint")
-    parser.add_argument("--from-base", type=Path, default=None,
-                        help="skip the plain-text pre-training: start from this saved base (the previous trio's)")
-    parser.add_argument("--probe-every", type=int, default=50, help="print the repeat-NLL drop every N steps")
-    parser.add_argument("--repeat-share", type=float, default=0.0,
-                        help="share of training windows holding a repeated span (see repeat_batches)")
+    parser.add_argument("--repeat-share", type=float, default=0.2,
+                        help="share of fine-tuning windows holding a repeated span (keeps induction through the "
+                             "LayerNorm removal; see repeat_batches)")
+    parser.add_argument("--probe-every", type=int, default=100, help="print the repeat-NLL drop every N steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick and args.out == OUT:
         args.out = Path("/tmp/tiny-shakespeare-quick")  # never overwrite the shipped models
     dirs = {name: args.out / name for name in NAMES}
-    t0 = time.time() - 60 * args.prior_minutes
+    t0 = time.time()
     args.full_run = not args.cards_only
     if args.cards_only:
         meta = json.loads((dirs[NAMES[0]] / "lnfree_meta.json").read_text())["build"]
@@ -377,58 +412,41 @@ def main() -> None:
     text = args.data.read_text()
     split = int(len(text) * 0.9)
     train_text = text[:split]
-    if args.quick:  # keeps --pretrain-steps if given: try whether induction forms
+    phases = parse_phases(args.phases)
+    if args.quick:
         args.gap, args.tail = 2, 4
-        if args.pretrain_steps == parser.get_default("pretrain_steps"):
-            args.pretrain_steps = 30
+        for ph in phases:
+            ph["steps"] = min(ph["steps"], 30)
     tok = train_tokenizer(train_text, args.vocab)
     train_ids = torch.tensor(tok(train_text)["input_ids"])
     print(f"tokenizer: {len(tok)} tokens; train {train_ids.numel()} tokens", flush=True)
 
-    seq_len, batch_size, dropout = 128, 32, 0.1
+    seq_len, dropout = 128, 0.1
     config = GPT2Config(vocab_size=len(tok), n_positions=seq_len, n_embd=128, n_layer=4, n_head=4,
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    pre_lr, ft_lr = 2e-3, 6e-4
-    phases = []
-    for ph in filter(None, args.mix_phases.split(",")):
-        f = ph.split(":") + [str(batch_size), "inf"][len(ph.split(":")) - 5:]
-        phases.append((int(f[0]), float(f[1]), float(f[2]), float(f[3]), int(f[4]), int(f[5]), float(f[6])))
+    ft_lr = 6e-4
     schedule = RemovalSchedule(start=args.gap, gap_ln2=args.gap, gap_ln1=args.gap, gap_lnf=args.gap,
                                tail=args.tail)
     ft_steps = schedule.total_steps(config.n_layer)
     base = GPT2LMHeadModel(config)
-    if args.from_base:  # stage 1 done before: the previous plain-text base model
-        loaded = GPT2LMHeadModel.from_pretrained(args.from_base)
-        if [getattr(loaded.config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")] != \
-                [getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")]:
-            raise SystemExit(f"--from-base {args.from_base} has another architecture")
-        base.load_state_dict(loaded.state_dict())
-        print(f"stage 1 (plain pre-training) taken from {args.from_base}", flush=True)
-    else:
-        train_lm(base, train_ids, steps=args.pretrain_steps, lr=pre_lr, batch_size=batch_size, seq_len=seq_len,
-                 warmup=50, seed=args.seed, desc="pre-training (plain text)")
     probe = induction_probe(base, len(tok), seed=args.seed, every=args.probe_every)
     stopped = {}
-    for i, (steps, lr, share, p_drop, copies, batch, stop_at) in enumerate(phases):
-        if i < args.skip_phases:
-            print(f"mix phase {i} ({steps} steps, lr {lr}, share {share}) is in --from-base", flush=True)
-            continue
+    for i, ph in enumerate(phases):
         for module in base.modules():  # this phase's dropout (the fine-tunes use the config's again)
             if isinstance(module, torch.nn.Dropout):
-                module.p = p_drop
-        probe.stop_at = None if stop_at == float("inf") else stop_at
+                module.p = ph["dropout"]
+        probe.stop_at = None if ph["stop"] == float("inf") else ph["stop"]
         try:
-            with repeat_mix(share, len(tok), copies):
-                train_lm(base, train_ids, steps=steps, lr=lr, batch_size=batch, seq_len=seq_len,
-                         warmup=50, seed=args.seed + 2 + i, desc=f"pre-training (repeat mix, phase {i})",
-                         on_step=probe)
+            with repeat_mix(ph["share"], len(tok), ph["copies"], ph["prev"]):
+                train_lm(base, train_ids, steps=ph["steps"], lr=ph["lr"], batch_size=ph["batch"], seq_len=seq_len,
+                         warmup=50, seed=args.seed + 2 + i, desc=f"pre-training phase {i}", on_step=probe)
         except InductionFormed as e:
-            stopped[i] = e.args[0]
+            stopped[str(i)] = e.args[0]
             base.eval()
-            print(f"mix phase {i} stopped at step {e.args[0]}: repeat-NLL drop >= {stop_at}", flush=True)
-    print(f"pre-training done at {(time.time() - t0) / 60:.1f} min; repeat-NLL drop {probe(-1):.2f} nats",
-          flush=True)
+            print(f"phase {i} stopped at step {e.args[0]}: repeat-NLL drop >= {ph['stop']}", flush=True)
+        print(f"phase {i} done at {(time.time() - t0) / 60:.1f} min; repeat-NLL drop {probe(-1):.2f} nats",
+              flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(dirs[NAMES[0]], safe_serialization=True)
     tok.save_pretrained(dirs[NAMES[0]])
@@ -440,11 +458,11 @@ def main() -> None:
         for kind, minutes in pool.map(finetune, *zip(*jobs)):
             print(f"{kind} fine-tune done after {minutes:.1f} min (at {(time.time() - t0) / 60:.1f} min)", flush=True)
 
+    pretrain_steps = sum(stopped.get(str(i), ph["steps"]) for i, ph in enumerate(phases))
     meta = dict(config.to_dict(), built=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(),
-                seed=args.seed, pretrain_steps=args.pretrain_steps, batch_size=batch_size, seq_len=seq_len, ft_batch=args.ft_batch,
-                pretrain_lr=pre_lr, dropout=dropout, ft_steps=ft_steps, ft_lr=ft_lr, mix_phases=args.mix_phases, mix_stopped=stopped,
-                skip_phases=args.skip_phases, from_base=str(args.from_base) if args.from_base else None,
-                repeat_share=args.repeat_share, train_minutes=(time.time() - t0) / 60,
+                seed=args.seed, pretrain_steps=pretrain_steps, phases=phases, stopped=stopped,
+                probe_every=args.probe_every, seq_len=seq_len, ft_batch=args.ft_batch, dropout=dropout,
+                ft_steps=ft_steps, ft_lr=ft_lr, repeat_share=args.repeat_share, train_minutes=(time.time() - t0) / 60,
                 schedule=f"every {args.gap} steps from step {args.gap}, {args.tail} steps after ln_f")
     for name in NAMES:  # so that --cards-only can finish the job if measuring fails
         (dirs[name] / "lnfree_meta.json").write_text(json.dumps({"build": meta}, indent=2) + "\n")
