@@ -20,7 +20,8 @@ from .analyses import (CalibrationReport, DivergenceReport, NeuronAblation, Sink
 from .circuits import edge_attribution, edge_patching
 from .faithfulness import evaluate_circuit, faithfulness_curve
 from .graph import Graph
-from .checkpoints import CheckpointInfo, KnownCheckpoint, inspect_checkpoint, list_checkpoints
+from .checkpoints import CheckpointInfo, inspect_checkpoint
+from .registry import KnownCheckpoint, list_checkpoints
 from .edge_results import EdgeResult
 from .dla import compare_dla_direct_effect, direct_effect, direct_logit_attribution
 from .errors import LNFreeError
@@ -30,7 +31,8 @@ from .induction import InductionResult, induction_score
 from .case_study import InductionCaseStudy, induction_case_study
 from .ioi import IOIPrompts, ioi_prompts
 from .lens import AttentionScores, LensResult, attention_scores, logit_lens
-from .loaders import Verification, load_hf, load_hooked, load_nnsight, load_unified, verify
+from .loaders import load_hf, load_hooked, load_nnsight, load_unified
+from .verification import Verification, verify
 from .metrics import logit_diff, logprob
 from .nodes import Edge, Node, n_edges
 from .patching import activation_patching, attribution_patching, compare_attribution

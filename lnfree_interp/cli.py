@@ -72,7 +72,7 @@ def _table(df, floatfmt: str = "{:+.4f}") -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .checkpoints import list_checkpoints
+    from .registry import list_checkpoints
 
     df = list_checkpoints()
     print(df.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))

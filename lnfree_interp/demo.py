@@ -35,7 +35,7 @@ def _done(t0: float) -> None:
 
 def heldout_sample() -> str:
     """The held-out tiny-shakespeare text shipped with the embedded models."""
-    from .checkpoints import EMBEDDED_DIR
+    from .registry import EMBEDDED_DIR
 
     return (EMBEDDED_DIR / "heldout.txt").read_text()
 

@@ -304,7 +304,7 @@ def _stats(a: Tensor, b: Tensor, scale: Tensor) -> dict[str, float]:
 
 def _check_same_run(atp: AttributionResult, act: AttributionResult) -> None:
     """Raise unless ``atp`` and ``act`` estimate and measure the very same patches."""
-    from .loaders import TOLERANCE
+    from .results import TOLERANCE
 
     if atp.kind != "atp" or act.kind != "activation_patching":
         raise LNFreeError(f"compare_attribution(atp_result, act_result) takes the attribution_patching result first "

@@ -247,7 +247,7 @@ def compare_models(
     )
     from .analyses.windows import DEFAULT_SEQ_LEN, LOGIT_BUDGET, check_fraction
     from .backends import get_backend
-    from .checkpoints import EMBEDDED_DIR
+    from .registry import EMBEDDED_DIR
 
     check_fraction(threshold, "threshold")
     t_start = time.perf_counter()

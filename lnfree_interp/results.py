@@ -22,6 +22,11 @@ _HEAD = re.compile(r"^L(\d+)H(\d+)$")
 _LAYER = re.compile(r"^(?:L)?(\d+)[_N]")
 
 
+#: relative tolerances by dtype for sums of attribution components (``assert_exact`` here and in
+#: `patching`): rounding grows with the number of summands.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
 def label_layer(label: str) -> int | None:
     """Layer of a component label (``None`` for ``embed``, ``pos_embed``, ``unembed_bias``)."""
     m = _HEAD.match(label) or _LAYER.match(label)
@@ -90,7 +95,6 @@ class AttributionResult:
                               "LayerNorm scale and is only an approximation of the direct effect. Use an "
                               "LN-free checkpoint, or compare_dla_direct_effect to measure the error.")
         if self.kind == "dla":
-            from .loaders import TOLERANCE
 
             dtype = self.values.dtype
             rtol = rtol if rtol is not None else (1e-10 if dtype == torch.float64 else TOLERANCE.get(dtype, 1e-5))

@@ -44,7 +44,7 @@ def test_registry_lists_the_family():
 
 
 def test_aliases_resolve():
-    from lnfree_interp.checkpoints import lookup
+    from lnfree_interp.registry import lookup
 
     assert lookup("gpt2-small-lnfree").name == "schaeff/gpt2-small_LNFree300"
     assert lookup("SCHAEFF/GPT2-SMALL_LNFREE300").name == "schaeff/gpt2-small_LNFree300"

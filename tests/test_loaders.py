@@ -563,8 +563,8 @@ def test_verify_prints_the_relative_error_beside_the_relative_tolerance(models):
 def test_low_precision_tolerances_are_the_dtypes_rounding(models):
     """bfloat16 / float16 pass only within ~2 units of their own rounding (2**-7, 2**-10 relative), are
     labelled not exact, and bfloat16 reports the unfolded checkpoint's own bfloat16 error beside ours."""
-    assert L.loaders.VERIFY_TOLERANCE[torch.bfloat16] <= 2 * 2.0 ** -7 + 1e-9
-    assert L.loaders.VERIFY_TOLERANCE[torch.float16] <= 2 * 2.0 ** -10 + 1e-9
+    assert L.verification.VERIFY_TOLERANCE[torch.bfloat16] <= 2 * 2.0 ** -7 + 1e-9
+    assert L.verification.VERIFY_TOLERANCE[torch.float16] <= 2 * 2.0 ** -10 + 1e-9
     bf = L.verify(L.load_hf(models["schaeff"], dtype=torch.bfloat16))
     assert bf.passed and "not exact" in str(bf) and bf.dtype_floor_error is not None
     assert bf.max_abs_error <= 2 * bf.dtype_floor_error  # the fold adds nothing beyond bf16's rounding
