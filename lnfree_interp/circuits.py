@@ -147,12 +147,18 @@ def edge_attribution(
         B, P = tokens.shape
         shape = (W, R, P, B) if per_position else (W, R, B)
         dense = torch.zeros(shape, dtype=delta.dtype, device=delta.device)
+        # position-summed scores: one [writer, pos*d] x [pos*d, reader] product per prompt (bmm on a
+        # prompt-major copy of delta made once; einsum would permute delta again for every reader layer)
+        delta_b = None if per_position else delta.permute(1, 0, 2, 3).reshape(B, W, -1)
         for layer in [*range(L), None]:
             g = sum(reader_grads(backend, run.acts, run.grads, layer) for run in runs) / len(runs)
             start, stop = (R - 1, R) if layer is None else graph.reader_slice(layer)
             n = W if layer is None else graph.writers_before(layer, mlp=True)  # only writers that can feed them
-            spec = "wbpd,rbpd->wrpb" if per_position else "wbpd,rbpd->wrb"
-            dense[:n, start:stop] = torch.einsum(spec, delta[:n], g)
+            if delta_b is None:
+                dense[:n, start:stop] = torch.einsum("wbpd,rbpd->wrpb", delta[:n], g)
+            else:
+                g_b = g.permute(1, 2, 3, 0).reshape(B, -1, g.shape[0])  # [B, P*d, r]
+                dense[:n, start:stop] = torch.bmm(delta_b[:, :n], g_b).permute(1, 2, 0)
         dense[~graph.valid] = 0
         values = dense[graph.edge_index]  # [E, (P,) B]
     linear = bool(getattr(metric, "linear", False))
