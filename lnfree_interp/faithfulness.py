@@ -28,6 +28,9 @@ def _circuit_masks(graph: Graph, circuits: Sequence[Any]) -> Tensor:
     """``[J, W, R]`` boolean masks of J circuits (each an iterable of edges, or a ``[W, R]`` mask)."""
     out = []
     for c in circuits:
+        if c is None or (torch.is_tensor(c) and c.dtype != torch.bool):
+            raise LNFreeError("A circuit is a list of edges (e.g. result.top_edges(50)) or a boolean [writers, readers]"
+                              f" mask; got {'None' if c is None else f'a {c.dtype} tensor'}.")
         if isinstance(c, EdgeResult) or isinstance(c, str):
             raise LNFreeError("A circuit is a list of edges (e.g. result.top_edges(50)) or a [writers, readers] "
                               "boolean mask; for the top-n edges of a result at several n use "
@@ -201,6 +204,10 @@ def faithfulness_curve(
     if isinstance(circuits, tuple) and len(circuits) == 2 and isinstance(circuits[0], EdgeResult):
         result, sizes = circuits
         circuits = [result.top_edges(int(n)) for n in sizes]
+    if circuits is None or isinstance(circuits, (str, EdgeResult)) or torch.is_tensor(circuits):
+        raise LNFreeError("faithfulness_curve takes a list of circuits (each a list of edges or a boolean mask), or "
+                          "(result, [n1, n2, ...]) for the top-n edges of a result; for one circuit use "
+                          "evaluate_circuit.")
     masks = _circuit_masks(graph, list(circuits))
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)

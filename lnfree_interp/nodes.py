@@ -127,8 +127,13 @@ def n_edges(n_layers: int, n_heads: int) -> int:
 
     Closed form: a layer-l head reader sees ``1 + l (H + 1)`` writers, the layer-l MLP input
     ``1 + l (H + 1) + H``, the logits ``1 + L (H + 1)``. GPT-2 small (12 x 12): 32,491.
+
+    Raises:
+        LNFreeError: fewer than one layer or one head.
     """
     L, H = n_layers, n_heads
+    if isinstance(L, bool) or isinstance(H, bool) or not isinstance(L, int) or not isinstance(H, int) or L < 1 or H < 1:
+        raise LNFreeError(f"n_edges({n_layers!r}, {n_heads!r}): a model has at least one layer and one head.")
     per_layer = sum(3 * H * (1 + l * (H + 1)) + (1 + l * (H + 1) + H) for l in range(L))  # noqa: E741
     return per_layer + 1 + L * (H + 1)
 

@@ -426,3 +426,21 @@ def test_more_bad_input_found_by_a_new_user(models):
     assert att.at([0, 1, 2]).shape[-1] == 3
     with pytest.raises(LNFreeError, match="key_pos"):
         att.at(999)
+
+
+def test_bad_circuits_and_metrics_found_by_a_new_user(models):
+    """Inputs a fresh user tried (session of 2026-12-02) that raised raw TypeErrors or misleading messages."""
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    with pytest.raises(LNFreeError, match="got None"):
+        L.evaluate_circuit(model, None, clean, corrupted, metric)
+    with pytest.raises(LNFreeError, match="list of circuits"):
+        L.faithfulness_curve(model, None, clean, corrupted, metric, progress=False)
+    with pytest.raises(LNFreeError, match="boolean"):
+        L.evaluate_circuit(model, torch.ones(Graph(2, 4).valid.shape), clean, corrupted, metric)
+    for shape in ((-1, 2), (0, 0), (2, 0)):
+        with pytest.raises(LNFreeError, match="at least one layer"):
+            L.n_edges(*shape)
+    with pytest.raises(LNFreeError, match="the metric itself is NaN"):
+        L.edge_attribution(model, clean, corrupted, lambda lg: lg[:, -1, 0] * float("nan"))

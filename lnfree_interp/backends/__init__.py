@@ -285,8 +285,12 @@ class Backend:
                     for n, g in zip(grad_of, got):
                         g = torch.zeros_like(live[n]) if g is None else g
                         if not bool(torch.isfinite(g).all()):
-                            raise LNFreeError(f"Non-finite gradients in {self.dtype} (overflow); load the model "
-                                              "in float32 or float64 for gradient-based attribution.")
+                            raise LNFreeError(
+                                f"Non-finite gradients in {self.dtype}"
+                                + (": the metric itself is NaN or infinite for some prompts; check the metric function"
+                                   if not bool(torch.isfinite(value.detach()).all()) else
+                                   " (overflow); load the model in float32 or float64 for gradient-based attribution")
+                                + ".")
                         grads[n] = g.detach()
         return Run(logits.detach(), acts, None if value is None else value.detach(), grads)
 
