@@ -238,6 +238,20 @@ def phase_rows(phases: list[dict], stopped: dict) -> str:
     return "\n".join(rows)
 
 
+def pretraining(meta: dict) -> str:
+    """The card's pre-training paragraph (``meta`` of this script, or of the 2026-11-30 script: no phases)."""
+    if "phases" not in meta:
+        return (f"* Pre-training: {meta['pretrain_steps']} AdamW steps, batch {meta.get('batch_size', 32)} x "
+                f"{meta['seq_len']} tokens,\n  lr {meta.get('pretrain_lr', 0.002)}, warm-up then cosine decay, "
+                f"dropout {meta['dropout']}.\n")
+    mixed = any(ph["share"] or ph["prev"] for ph in meta["phases"]) or meta.get("repeat_share", 0) > 0
+    return ((f"* {MIX_TEXT}\n" if mixed else "")
+            + "* Pre-training from scratch in phases, each a fresh AdamW (warm-up 50 steps, cosine decay to 10%) on\n"
+            f"  windows of {meta['seq_len']} tokens; a phase with a stop ends once the repeat-NLL drop of 8 random\n"
+            f"  40-token spans (a probe every {meta['probe_every']} steps) reaches it:\n\n"
+            f"{phase_rows(meta['phases'], meta['stopped'])}\n\n")
+
+
 def card(name: str, meta: dict, table: list[tuple[str, float, float]], ind: dict, samples: dict[str, str]) -> str:
     vanilla = dict((n, v) for n, v, _ in table)["tiny-shakespeare-vanilla"]
     rows = "\n".join(
@@ -274,13 +288,7 @@ Part of the embedded trio of `lnfree_interp`, built by `scripts/build_tiny_model
 * Data: `tinyshakespeare.txt` (1,115,394 characters, public domain); first 90% of characters for
   training ({meta['train_tokens']} tokens), last 10% held out ({meta['heldout_tokens']} tokens).
 * Tokenizer: byte-level BPE trained on the training split (HF `tokenizers`), `<|endoftext|>` as BOS/EOS.
-* {MIX_TEXT}
-* Pre-training from scratch in phases, each a fresh AdamW (warm-up 50 steps, cosine decay to 10%) on
-  windows of {meta['seq_len']} tokens; a phase with a stop ends once the repeat-NLL drop of 8 random
-  40-token spans (a probe every {meta['probe_every']} steps) reaches it:
-
-{phase_rows(meta['phases'], meta['stopped'])}
-
+{pretraining(meta)}
 * Fine-tuning (vanilla and LN-free{ft_mix}): {meta['ft_steps']} steps,
   batch {meta['ft_batch']} x {meta['seq_len']}, lr {meta['ft_lr']}; removal schedule {meta['schedule']}.
 * Vocabulary size: with 4096 tokens, 1.5% of held-out tokens were ones seen fewer than 5 times in
