@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .errors import LNFreeError
 from .fold import LNState, classify_layernorms, detect_encoding, ln_names
-from .registry import EMBEDDED_DIR, lookup
+from .registry import EMBEDDED_DIR, KnownCheckpoint, lookup
 
 #: ``config.lnfree_interp`` marker written on models this library folded (encoding 4).
 FOLDED_MARKER = "lnfree_interp"

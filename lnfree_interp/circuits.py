@@ -132,13 +132,13 @@ def edge_attribution(
             run = backend.run(tokens, mask, hooks=mix, capture=[] if lnfree else rnames, grad_of=grad_names,
                               metric=f_clean)
             if lnfree:
-                for n in grad_names:
-                    clean_run.grads[n] = clean_run.grads[n] + run.grads[n]
+                for name in grad_names:
+                    clean_run.grads[name] = clean_run.grads[name] + run.grads[name]
             else:
                 runs.append(run)
         if lnfree:
-            for n in grad_names:
-                clean_run.grads[n] = clean_run.grads[n] / steps
+            for name in grad_names:
+                clean_run.grads[name] = clean_run.grads[name] / steps
     valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.logits.dtype)  # [B, P]
     with torch.no_grad():
         delta = (writer_outputs(backend, corr.acts) - writer_outputs(backend, clean_run.acts))
