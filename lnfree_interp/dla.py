@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
+from . import direct_path as dp
 from .backends import Backend, get_backend
 from .errors import LNFreeError
 from .inputs import positions, prepare, token_ids
@@ -40,150 +41,6 @@ By = Literal["head", "layer", "neuron"]
 
 LN_NOTE = ("LN baseline: the final LayerNorm scale is frozen from the forward pass (TransformerLens "
            "convention), so each value approximates its direct effect; see compare_dla_direct_effect.")
-
-
-@dataclass
-class _Capture:
-    """What one forward pass leaves behind at the attributed positions (``B`` prompts)."""
-
-    metric: Float[Tensor, "batch"]
-    acts: dict[str, Tensor]  #: hook name -> activation at each prompt's position [B, ...]
-    sums: dict[str, Tensor]  #: hook name -> sum over all real tokens (for mean ablation)
-    n_tokens: int
-
-
-def _hook_names(backend: Backend, by: str, layers: list[int]) -> list[str]:
-    names = ["hook_embed", "hook_pos_embed", f"blocks.{backend.n_layers - 1}.hook_resid_post"]
-    for layer in range(backend.n_layers):
-        names.append(f"blocks.{layer}.attn.hook_z" if by == "head" else f"blocks.{layer}.hook_attn_out")
-        names.append(f"blocks.{layer}.mlp.hook_post" if by == "neuron" and layer in layers
-                     else f"blocks.{layer}.hook_mlp_out")
-    return names
-
-
-def _capture(backend: Backend, tokens: Tensor, mask: Tensor, pos: Tensor, names: list[str],
-             answer: Tensor, wrong: Tensor | None, sums: bool = False) -> _Capture:
-    """One no-grad forward, keeping only each hook's activation at ``pos`` (and optionally its sum
-    over real tokens): memory is O(batch * d) per hook, never a full cache."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    acts: dict[str, Tensor] = {}
-    totals: dict[str, Tensor] = {}
-    weight = mask.to(backend.dtype)
-
-    def keep(name: str):
-        def fn(act: Tensor) -> None:
-            acts[name] = act[rows, pos].detach().clone()
-            if sums:
-                totals[name] = torch.einsum("bp...,bp->...", act.detach(), weight.to(act.dtype))
-        return fn
-
-    with torch.no_grad():
-        logits = backend.run(tokens, mask, hooks={n: keep(n) for n in names}).logits
-    final = logits[rows, pos]
-    metric = final.gather(1, answer[:, None])[:, 0]
-    if wrong is not None:
-        metric = metric - final.gather(1, wrong[:, None])[:, 0]
-    return _Capture(metric, acts, totals, int(mask.sum()))
-
-
-@dataclass
-class _Components:
-    """Components' writes to the final residual, in factored form.
-
-    ``vectors`` [C, B, d] are materialised; neuron groups are kept as activations [B, N] times
-    rows of ``W_out`` [N, d], so per-neuron work never builds a [neurons, batch, d_model] stack.
-    """
-
-    labels: list[str]
-    vectors: Tensor  # [C, B, d]
-    neuron_labels: list[list[str]]
-    neuron_acts: list[Tensor]  # each [B, N]
-    neuron_W: list[Tensor]  # each [N, d]
-
-
-def _components(backend: Backend, by: str, layers: list[int], acts: dict[str, Tensor],
-                sums: bool = False, count: int = 1, fold_value_bias: bool = False) -> _Components:
-    """Assemble the components from captured activations (``sums=True``: from token sums / count)."""
-    w = backend.weights()
-    get = (lambda n: acts[n] / count) if sums else (lambda n: acts[n])
-    first = get("hook_embed")
-    lead = first.shape[:-1]  # [B] or [] for means
-    labels, vecs = ["embed", "pos_embed"], [first, get("hook_pos_embed")]
-    n_labels, n_acts, n_W = [], [], []
-    for layer in range(backend.n_layers):
-        if by == "head":
-            z = get(f"blocks.{layer}.attn.hook_z")  # [B, H, dh]
-            b_O = w.b_O[layer]
-            if fold_value_bias:  # TL's fold_value_biases: softmax rows sum to 1, so b_V passes through whole
-                z = z - w.b_V[layer]
-                b_O = b_O + torch.einsum("hk,hkd->d", w.b_V[layer], w.W_O[layer])
-            heads = torch.einsum("...hk,hkd->h...d", z, w.W_O[layer])
-            labels += [f"L{layer}H{h}" for h in range(backend.n_heads)] + [f"{layer}_attn_bias"]
-            vecs += list(heads) + [b_O.expand(*lead, -1)]
-        else:
-            labels.append(f"{layer}_attn_out")
-            vecs.append(get(f"blocks.{layer}.hook_attn_out"))
-        if by == "neuron" and layer in layers:
-            n_labels.append([f"L{layer}N{n}" for n in range(backend.d_mlp)])
-            n_acts.append(get(f"blocks.{layer}.mlp.hook_post"))
-            n_W.append(w.W_out[layer])
-            labels.append(f"{layer}_mlp_bias")
-            vecs.append(w.b_out[layer].expand(*lead, -1))
-        else:
-            labels.append(f"{layer}_mlp_out")
-            vecs.append(get(f"blocks.{layer}.hook_mlp_out"))
-    return _Components(labels, torch.stack(vecs), n_labels, n_acts, n_W)
-
-
-def _dots(comp: _Components, delta: _Components | None, direction: Tensor, centred_r: Tensor | None,
-          vectors: bool = True):
-    """Per component and prompt: ``a = du . u0`` and, for LN models, ``b = Cr . du``, ``c = |C du|^2``.
-
-    ``du`` is the component itself (``delta=None``) or its change to the ablated value;
-    ``direction`` [B, d] is ``u`` (LN-free) or ``C u``. ``vectors=False``: neuron groups only.
-    """
-    a, b, c = [], [], []
-    if vectors:
-        vec = comp.vectors if delta is None else comp.vectors - delta.vectors
-        a.append(torch.einsum("cbd,bd->cb", vec, direction))
-        if centred_r is not None:
-            cvec = vec - vec.mean(-1, keepdim=True)
-            b.append(torch.einsum("cbd,bd->cb", cvec, centred_r))
-            c.append(cvec.pow(2).sum(-1))
-    for i, (act, W) in enumerate(zip(comp.neuron_acts, comp.neuron_W)):
-        dact = (act if delta is None else act - delta.neuron_acts[i]).T  # [N, B]
-        a.append(dact * (W @ direction.T))
-        if centred_r is not None:
-            cW = W - W.mean(-1, keepdim=True)
-            b.append(dact * (cW @ centred_r.T))
-            c.append(dact.pow(2) * cW.pow(2).sum(-1, keepdim=True))
-    cat = lambda xs: torch.cat(xs, 0) if xs else None  # noqa: E731
-    return cat(a), cat(b), cat(c)
-
-
-def _top_k(labels: list[str], values: list[Tensor], k: int | None, comp: _Components) -> tuple[list[str], list[Tensor]]:
-    """Keep the ``k`` neurons with the largest mean |value| (over the first tensor); fold the rest
-    into one ``{l}_mlp_rest`` row per layer so sums stay exact."""
-    n_fixed = len(comp.labels)
-    neuron_labels = [lab for group in comp.neuron_labels for lab in group]
-    if k is None or k >= len(neuron_labels):
-        return labels, values
-    score = values[0][n_fixed:].abs().mean(-1)
-    keep = set(score.topk(k).indices.tolist())
-    out_labels = labels[:n_fixed]
-    keep_idx = [n_fixed + i for i in sorted(keep)]
-    rest_rows = []
-    offset = n_fixed
-    for group in comp.neuron_labels:
-        idx = [offset + i for i in range(len(group)) if (offset - n_fixed + i) not in keep]
-        rest_rows.append((f"{label_layer(group[0])}_mlp_rest", idx))
-        offset += len(group)
-    out_labels = out_labels + [labels[i] for i in keep_idx] + [name for name, _ in rest_rows]
-    out_values = []
-    for v in values:
-        rest = [v[idx].sum(0) if idx else torch.zeros_like(v[0]) for _, idx in rest_rows]
-        out_values.append(torch.cat([v[:n_fixed], v[keep_idx], torch.stack(rest)], 0))
-    return out_labels, out_values
 
 
 @dataclass
@@ -234,37 +91,37 @@ class _Request:
         return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen, top_k,
                    value_bias, direction, bias, backend.norms().ln_final.is_identity)
 
-    def capture(self, tokens: Tensor | None = None, mask: Tensor | None = None, sums: bool = False) -> _Capture:
+    def capture(self, tokens: Tensor | None = None, mask: Tensor | None = None, sums: bool = False) -> dp.Capture:
         """The forward pass on the clean batch (or ``tokens``/``mask``: corrupted prompts)."""
-        names = _hook_names(self.backend, self.by, self.layers)
+        names = dp.hook_names(self.backend, self.by, self.layers)
         if tokens is None:
-            return _capture(self.backend, self.tokens, self.mask, self.pos, names, self.answer, self.wrong, sums)
-        return _capture(self.backend, tokens, mask, positions(self.pos_spec, mask), names, self.answer, self.wrong)
+            return dp.capture(self.backend, self.tokens, self.mask, self.pos, names, self.answer, self.wrong, sums)
+        return dp.capture(self.backend, tokens, mask, positions(self.pos_spec, mask), names, self.answer, self.wrong)
 
-    def components(self, acts: dict[str, Tensor], sums: bool = False, count: int = 1) -> _Components:
-        return _components(self.backend, self.by, self.layers, acts, sums, count, self.value_bias == "attn_bias")
+    def components(self, acts: dict[str, Tensor], sums: bool = False, count: int = 1) -> dp.Components:
+        return dp.components(self.backend, self.by, self.layers, acts, sums, count, self.value_bias == "attn_bias")
 
-    def result(self, comp: _Components, cap: _Capture, values: Tensor, **kwargs: Any) -> AttributionResult:
+    def result(self, comp: dp.Components, cap: dp.Capture, values: Tensor, **kwargs: Any) -> AttributionResult:
         labels = comp.labels + [lab for g in comp.neuron_labels for lab in g]
-        labels, (values,) = _top_k(labels, [values], self.top_k, comp)
+        labels, (values,) = dp.top_k(labels, [values], self.top_k, comp)
         extra = {"backend": self.backend.name, "value_bias": self.value_bias, **kwargs.pop("extra", {})}
         return AttributionResult(values=values, labels=labels, metric=cap.metric, n_layers=self.backend.n_layers,
                                  n_heads=self.backend.n_heads, extra=extra, **kwargs)
 
 
 @torch.no_grad()
-def _dla_values(req: _Request) -> tuple[_Components, _Capture, Tensor]:
+def _dla_values(req: _Request) -> tuple[dp.Components, dp.Capture, Tensor]:
     """DLA: each component's write dotted with the answer direction, divided by the final LN scale."""
     cap = req.capture()
     comp = req.components(cap.acts)
     r = cap.acts[f"blocks.{req.backend.n_layers - 1}.hook_resid_post"]
     u0 = req.direction if req.lnfree else req.direction - req.direction.mean(-1, keepdim=True)
-    a, _, _ = _dots(comp, None, u0, None)
+    a, _, _ = dp.dots(comp, None, u0, None)
     return comp, cap, a / req.backend.final_scale(r)[:, 0]  # scale: ones when LN-free
 
 
 @torch.no_grad()
-def _direct_effect_values(req: _Request, ablation: Any) -> tuple[_Components, _Capture, Tensor]:
+def _direct_effect_values(req: _Request, ablation: Any) -> tuple[dp.Components, dp.Capture, Tensor]:
     """Path patching into the final residual: ``metric(r) - metric(r - du_c)`` per component."""
     mode = ablation if isinstance(ablation, str) else "corrupted"
     cap = req.capture(sums=mode == "mean")
@@ -295,7 +152,7 @@ def _direct_effect_values(req: _Request, ablation: Any) -> tuple[_Components, _C
     if comp.neuron_acts:  # per neuron the same, from dot products (no [neurons, batch, d_model] stack)
         centred_r = None if req.lnfree else r - r.mean(-1, keepdim=True)
         u0 = direction if req.lnfree else direction - direction.mean(-1, keepdim=True)
-        a, b, c = _dots(comp, delta, u0, centred_r, vectors=False)
+        a, b, c = dp.dots(comp, delta, u0, centred_r, vectors=False)
         if req.lnfree:
             values.append(a)
         else:

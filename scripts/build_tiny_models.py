@@ -186,7 +186,8 @@ def finetune(kind: str, state: dict, config, train_ids, ft_steps: int, schedule,
     t = time.time()
     base = GPT2LMHeadModel(config)
     base.load_state_dict(state)
-    with repeat_mix(args.repeat_share, config.vocab_size):
+    mix = parse_phases(args.ft_mix)[0] if args.ft_mix else dict(PHASE_DEFAULTS)
+    with repeat_mix(mix["share"], config.vocab_size, mix["copies"], mix["prev"]):
         if kind == "vanilla":
             train_lm(base, train_ids, steps=ft_steps, lr=6e-4, batch_size=args.ft_batch, seq_len=128, seed=args.seed + 1,
                      desc="vanilla fine-tune", on_step=induction_probe(base, config.vocab_size, seed=args.seed,
@@ -244,7 +245,8 @@ def pretraining(meta: dict) -> str:
         return (f"* Pre-training: {meta['pretrain_steps']} AdamW steps, batch {meta.get('batch_size', 32)} x "
                 f"{meta['seq_len']} tokens,\n  lr {meta.get('pretrain_lr', 0.002)}, warm-up then cosine decay, "
                 f"dropout {meta['dropout']}.\n")
-    mixed = any(ph["share"] or ph["prev"] for ph in meta["phases"]) or meta.get("repeat_share", 0) > 0
+    mixed = any(ph["share"] or ph["prev"] for ph in meta["phases"]) or meta.get("repeat_share", 0) > 0 \
+        or meta.get("ft_prev", 0) > 0
     return ((f"* {MIX_TEXT}\n" if mixed else "")
             + "* Pre-training from scratch in phases, each a fresh AdamW (warm-up 50 steps, cosine decay to 10%) on\n"
             f"  windows of {meta['seq_len']} tokens; a phase with a stop ends once the repeat-NLL drop of 8 random\n"
@@ -267,7 +269,9 @@ def card(name: str, meta: dict, table: list[tuple[str, float, float]], ind: dict
                      if r.nll_drop >= 3 and r.best_induction[1] >= 0.5 else
                      f"It has no induction head (repeat-NLL drop {r.nll_drop:.2f} nats, best induction score "
                      f"{r.best_induction[1]:.2f}), see below.")
-    ft_mix = f", on the repeat mix with share {meta['repeat_share']}" if meta.get("repeat_share", 0) > 0 else ""
+    ft_mix = (f", on the mix with repeat share {meta['repeat_share']:g}, previous-token share "
+              f"{meta.get('ft_prev', 0):g}, at most {meta.get('ft_copies', 2)} copies"
+              if meta.get("repeat_share", 0) > 0 or meta.get("ft_prev", 0) > 0 else "")
     what = {
         "tiny-shakespeare": "trained from scratch with LayerNorm (the original).",
         "tiny-shakespeare-vanilla": "`tiny-shakespeare` fine-tuned further with LayerNorm kept, for as many steps "
@@ -377,9 +381,9 @@ def measure_and_write_cards(args, dirs: dict, meta: dict, t0: float) -> None:
 # repeat share. "shipped" rebuilds the trio in lnfree_interp/models (2026-11-30); "induction" is issue 9's
 # work in progress (see the module docstring: it forms induction in phase 0, phase 1 still loses it).
 RECIPES = {
-    "shipped": ("steps=1000,lr=2e-3,batch=32,dropout=0.1,threads=1", 0.0),
-    "induction": ("steps=4000,lr=2e-3,batch=16,share=0.33,prev=0.33,copies=4,stop=2.5,threads=1;"
-                  "steps=1200,lr=5e-4,batch=32,share=0.4,prev=0.2,copies=4,dropout=0.1,threads=2", 0.4),
+    "shipped": ("steps=1000,lr=2e-3,batch=32,dropout=0.1,threads=1", ""),
+    "induction": ("steps=4000,lr=2e-3,batch=16,share=0.33,prev=0.33,copies=4,threads=1",
+                  "share=0.33,prev=0.33,copies=4"),
 }
 PHASE_DEFAULTS = {"steps": 0, "threads": 2, "lr": 2e-3, "batch": 32, "share": 0.0, "prev": 0.0, "copies": 2, "dropout": 0.0,
                   "stop": float("inf")}
@@ -418,14 +422,16 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=30, help="steps between LayerNorm removals")
     parser.add_argument("--tail", type=int, default=200, help="steps after the last removal")
     parser.add_argument("--ft-batch", type=int, default=32, help="batch size of the two fine-tunes")
-    parser.add_argument("--repeat-share", type=float, default=None,
-                        help="share of fine-tuning windows holding a repeated span (keeps induction through the "
-                             "LayerNorm removal; see repeat_batches); default: the recipe's")
+    parser.add_argument("--ft-mix", default=None,
+                        help="the fine-tunes' data mix as 'share=...,prev=...,copies=...' (repeat share, "
+                             "previous-token share, most copies: keeps induction through the LayerNorm removal; "
+                             "see repeat_batches); default: the recipe's ('' = plain text)")
     parser.add_argument("--probe-every", type=int, default=50, help="print the repeat-NLL drop every N steps")
     args = parser.parse_args()
-    recipe_phases, recipe_share = RECIPES[args.recipe]
+    recipe_phases, recipe_mix = RECIPES[args.recipe]
     args.phases = recipe_phases if args.phases is None else args.phases
-    args.repeat_share = recipe_share if args.repeat_share is None else args.repeat_share
+    args.ft_mix = recipe_mix if args.ft_mix is None else args.ft_mix
+    ft_mix = parse_phases(args.ft_mix)[0] if args.ft_mix else dict(PHASE_DEFAULTS)
     torch.set_num_threads(2)  # tokenizer and measuring; each pre-training phase sets its own (threads=)
     if args.quick and args.out == OUT:
         args.out = Path("/tmp/tiny-shakespeare-quick")  # never overwrite the shipped models
@@ -496,7 +502,8 @@ def main() -> None:
     meta = dict(config.to_dict(), built=time.strftime("%Y-%m-%d"), threads="/".join(str(ph["threads"]) for ph in phases),
                 seed=args.seed, pretrain_steps=pretrain_steps, phases=phases, stopped=stopped,
                 probe_every=args.probe_every, seq_len=seq_len, ft_batch=args.ft_batch, dropout=dropout,
-                ft_steps=ft_steps, ft_lr=ft_lr, repeat_share=args.repeat_share, train_minutes=(time.time() - t0) / 60,
+                ft_steps=ft_steps, ft_lr=ft_lr, repeat_share=ft_mix["share"], ft_prev=ft_mix["prev"],
+                ft_copies=ft_mix["copies"], train_minutes=(time.time() - t0) / 60,
                 schedule=f"every {args.gap} steps from step {args.gap}, {args.tail} steps after ln_f")
     for name in NAMES:  # so that --cards-only can finish the job if measuring fails
         (dirs[name] / "lnfree_meta.json").write_text(json.dumps({"build": meta}, indent=2) + "\n")

@@ -187,16 +187,16 @@ def test_mean_and_corrupted_ablation(models):
 
 def test_memory_light_capture_keeps_no_cache(models, monkeypatch):
     """Only [batch, ...] slices at the attributed positions are kept (never a [batch, pos, ...] cache)."""
-    from lnfree_interp import dla as dla_module
+    from lnfree_interp import direct_path
 
     seen = []
-    original = dla_module._components
+    original = direct_path.components
 
     def spy(backend, by, layers, acts, *args, **kwargs):
         seen.extend(v.shape for v in acts.values())
         return original(backend, by, layers, acts, *args, **kwargs)
 
-    monkeypatch.setattr(dla_module, "_components", spy)
+    monkeypatch.setattr(direct_path, "components", spy)
     model = L.load_hooked(models["schaeff"])
     L.direct_logit_attribution(model, _tokens(models["schaeff"].config.vocab_size), ANSWER, by="neuron")
     assert seen and all(shape[0] == 3 and 14 not in shape for shape in seen)
