@@ -7,7 +7,8 @@ along the batch axis. Peak memory is that of one batch; the numbers equal the si
 (float64 to 1e-10, tested). Inputs may be a list of strings, token ids ``[N, pos]``, a
 ``datasets.Dataset`` column (``ds["text"]``), or a ``torch.utils.data.DataLoader`` whose batches are
 token tensors, lists of strings, or dicts with ``input_ids`` (+ ``attention_mask``) or ``text`` -
-and for pairs ``(clean, corrupted)`` tuples or ``{"clean": ..., "corrupted": ...}`` dicts. Per-prompt
+and for pairs ``(clean, corrupted)`` tuples or ``{"clean": ..., "corrupted": ...}`` dicts, or two DataLoaders
+(clean and corrupted, zipped batch by batch). Per-prompt
 arguments (``answer``, ``wrong``, ``pos``, a metric's per-prompt tokens) are cut alongside; a
 DataLoader's batches may carry their own ``answer`` / ``wrong`` keys.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterator
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -80,9 +82,21 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
     """Yield ``{"inputs": (tokens, mask), "corrupted": (tokens, mask) | None, **per_prompt}`` per batch."""
     per_prompt = dict(per_prompt or {})
     pair_wanted = corrupted is not None or "metric" in per_prompt
+    if is_loader(inputs) and is_loader(corrupted):  # two loaders: their batches are zipped, one pair per batch
+        for n, (item, c_item) in enumerate(zip_longest(inputs, corrupted, fillvalue=None)):
+            if item is None or c_item is None:
+                raise LNFreeError(f"The clean and corrupted DataLoaders have different numbers of batches (they part "
+                                  f"at batch {n}); give them the same dataset length and batch size.")
+            extra = {k: item[k] for k in ("answer", "wrong", "pos") if isinstance(item, dict) and k in item}
+            clean_part, corr_part = _tokens(backend, item, None), _tokens(backend, c_item, None)
+            if clean_part[0].shape[0] != corr_part[0].shape[0]:
+                raise LNFreeError(f"Batch {n}: {clean_part[0].shape[0]} clean prompts but {corr_part[0].shape[0]} "
+                                  "corrupted ones; give both DataLoaders the same batch size.")
+            yield {"inputs": clean_part, "corrupted": corr_part, **per_prompt, **extra}
+        return
     if is_loader(inputs) and corrupted is not None:
-        raise LNFreeError("With a DataLoader of (clean, corrupted) pairs the corrupted prompts come from the "
-                          "DataLoader: pass corrupted=None.")
+        raise LNFreeError("The clean prompts are a DataLoader, the corrupted ones are not: pass a DataLoader for each "
+                          "(zipped batch by batch), or one DataLoader of (clean, corrupted) pairs and corrupted=None.")
     if is_loader(inputs):
         for item in inputs:
             extra = {}

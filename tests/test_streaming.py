@@ -47,6 +47,13 @@ def test_dataloaders_and_string_lists(models, tokenizer):
     pairs = DataLoader(list(zip(clean, corrupted)), batch_size=3)
     many = L.attribution_patching(model, pairs, None, logit_diff(5, 9), per_position=False, progress=False)
     assert (many.values - one.values).abs().max() <= 1e-10
+    # a clean and a corrupted DataLoader, zipped batch by batch
+    clean_dl, corrupted_dl = DataLoader(list(clean), batch_size=3), DataLoader(list(corrupted), batch_size=3)
+    two = L.attribution_patching(model, clean_dl, corrupted_dl, logit_diff(5, 9), per_position=False, progress=False)
+    assert (two.values - one.values).abs().max() <= 1e-10
+    with pytest.raises(LNFreeError, match="batch size"):
+        L.attribution_patching(model, DataLoader(list(clean), batch_size=3), DataLoader(list(corrupted), batch_size=2),
+                               logit_diff(5, 9), progress=False)
     loader = DataLoader([{"input_ids": c, "answer": a} for c, a in zip(clean, answer)], batch_size=4)
     dla = L.direct_logit_attribution(model, loader, None, 9, progress=False)
     assert (dla.values - L.direct_logit_attribution(model, clean, answer, 9).values).abs().max() <= 1e-10
