@@ -44,13 +44,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "lnfree_interp"
-CORE = ["fold.py", "dla.py", "patching.py", "inputs.py", "backends/__init__.py", "backends/hf.py",
+CORE = ["fold.py", "dla.py", "direct_path.py", "patching.py", "inputs.py", "backends/__init__.py", "backends/hf.py",
         "backends/tl.py", "builders/tl.py"]
 #: module -> the test files that exercise it (only the tests covering a mutated line are run)
 TESTS = {
     "fold.py": ["tests/test_fold.py", "tests/test_loaders.py"],
     "inputs.py": ["tests/test_mutants.py", "tests/test_dla.py", "tests/test_metrics.py", "tests/test_patching.py"],
     "dla.py": ["tests/test_dla.py", "tests/test_mutants.py"],
+    "direct_path.py": ["tests/test_dla.py", "tests/test_mutants.py"],
     "patching.py": ["tests/test_patching.py", "tests/test_mutants.py", "tests/test_stats.py"],
 }
 DEFAULT_TESTS = ["tests/test_backends.py", "tests/test_mutants.py", "tests/test_dla.py", "tests/test_loaders.py"]
