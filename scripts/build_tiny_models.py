@@ -31,9 +31,26 @@ Trials of 2026-12-02 (probe: repeat-NLL drop of 8 random 40-token spans; batch 1
   1.78 at steps 50-350 (stopped there for lack of time).
 
 So induction forms but decays as soon as the mix moves towards plain text (each phase is a fresh AdamW
-with a warm-up: the decay starts with it). Next to try: one phase with the phase-0 mix and a long cosine
-decay (no switch), then fine-tunes with the same mix; or more capacity (6 layers / d_model 192, still
-<= 15 MB) so language modelling and the circuit do not compete.
+with a warm-up: the decay starts with it). Trials of 2026-12-02, second session:
+
+* one phase, the phase-0 mix, cosine over 4,000 steps (no switch): the same 2.93 at 1,500, then swings
+  (1.17-2.70 to 1,950) and decays: 0.60 at 2,000, 0.06-0.95 at 2,150-2,500 (stopped);
+* stop at 2.5, then the *same* mix with a fresh AdamW at lr 6e-4: 2.55 for 200 steps, then 1.70, 1.01,
+  0.80 (stopped) - the decay is not the optimiser switch nor the text share; it comes ~500 steps after
+  the circuit forms. Likely cause: as the lookup ``perm[x[t-1]]`` is learnt, the previous-token head's
+  output turns into ``perm``-space features, which the induction head's keys cannot match;
+* previous-token sequences with ``perm`` the identity (``x[t+1] = x[t-1]``, ``perm=0``: the previous-token
+  head only has to copy): induction starts sooner (0.43 at 500) but plateaus at 0.5-0.7 to 1,400; with
+  repeat 0.3 + previous-token 0.15: 0.2-0.3 to 800 (both stopped).
+
+What those drops were: the checkpoint at the 2.93-nat probe (``--keep-phases``), measured by
+:func:`lnfree_interp.induction_score` (64 sequences of 50 uniform ids): repeat-NLL drop 2.10 nats, but the best
+*induction attention score* only 0.018 (a previous-token head L0H2 at 0.73 exists); on shuffled held-out tokens
+the drop is 0.83. A drop without an induction pattern is a bag-of-context copy (boost every token already in
+the window: a uniform-id token costs ~10 nats, one of 40 in-context tokens ~log 40 = 3.7), not induction. So the
+NLL probe alone cannot tell induction from that shortcut: the probe now also prints the best induction and
+previous-token heads (attention scores), and random spans can draw from a small id range (``rvocab``), where
+every token recurs in the window and only true induction pays.
 
 Then measures held-out loss (and a unigram baseline), induction
 (:func:`lnfree_interp.induction_score`) and writes each model card. CI never runs this.
@@ -72,7 +89,8 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: float, vocab: int,
-                   min_span: int = 8, max_copies: int = 2, prev_share: float = 0.0, prev_vocab: int | None = None):
+                   min_span: int = 8, max_copies: int = 2, prev_share: float = 0.0, prev_vocab: int | None = None,
+                   permute: bool = True, random_share: float | None = None, random_vocab: int = 0):
     """Random windows ``[batch_size, seq_len]`` as :func:`lnfree_interp.removal.batches`, with a share
     of them holding a repeated span and another share replaced by previous-token sequences (seeded).
 
@@ -89,12 +107,15 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
     the next token is a function of the token *before* the current one, which a head attending to the
     previous position provides - the first half of an induction circuit, learnt directly instead of
     waiting for it (``prev_vocab``: draw those ids from ``1 .. prev_vocab - 1`` only; default the whole
-    vocabulary, which formed induction fastest in the trials).
+    vocabulary, which formed induction fastest in the trials). ``permute=False``: ``perm`` is the identity,
+    so the sequence alternates two ids and the previous-token head's job is to copy.
     """
     gen = torch.Generator().manual_seed(seed)
     prev_vocab = vocab if prev_vocab is None else min(prev_vocab, vocab)
     perm = torch.cat([torch.zeros(1, dtype=torch.long),
                       torch.randperm(prev_vocab - 1, generator=torch.Generator().manual_seed(7)) + 1])  # 0 stays
+    if not permute:
+        perm = torch.arange(prev_vocab)
     n = tokens.numel()
     while True:
         starts = torch.randint(0, n - seq_len, (batch_size,), generator=gen)
@@ -112,17 +133,22 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
             P = int(torch.randint(0, seq_len - c * L + 1, (1,), generator=gen))
             w = x[i].clone()
             span = w[P : P + L]
-            kind = int(torch.randint(0, 3, (1,), generator=gen))
+            if random_share is None:  # natural, shuffled, random ids: 1/3 each (the draw of the 2026-12-02 trials)
+                kind = int(torch.randint(0, 3, (1,), generator=gen))
+            else:  # random ids with probability random_share, else natural or shuffled
+                kind = 2 if float(torch.rand(1, generator=gen)) < random_share else int(torch.randint(0, 2, (1,),
+                                                                                                   generator=gen))
             if kind == 1:
                 span = span[torch.randperm(L, generator=gen)]
             elif kind == 2:
-                span = torch.randint(1, vocab, (L,), generator=gen)  # id 0 is <|endoftext|>
+                span = torch.randint(1, random_vocab or vocab, (L,), generator=gen)  # id 0 is <|endoftext|>
             x[i] = torch.cat([w[:P], *[span] * c, w[P + L : seq_len - (c - 1) * L]])
         yield x
 
 
 @contextlib.contextmanager
-def repeat_mix(share: float, vocab: int, max_copies: int = 2, prev_share: float = 0.0):
+def repeat_mix(share: float, vocab: int, max_copies: int = 2, prev_share: float = 0.0, permute: bool = True,
+               random_share: float | None = None, random_vocab: int = 0):
     """Make :func:`lnfree_interp.removal.train_lm` (and so ``remove_layernorm``) draw
     :func:`repeat_batches` for the duration of the block (it looks ``batches`` up at call time)."""
     import lnfree_interp.removal as removal
@@ -132,7 +158,8 @@ def repeat_mix(share: float, vocab: int, max_copies: int = 2, prev_share: float 
         return
     original = removal.batches
     removal.batches = functools.partial(repeat_batches, share=share, vocab=vocab, max_copies=max_copies,
-                                        prev_share=prev_share)
+                                        prev_share=prev_share, permute=permute, random_share=random_share,
+                                        random_vocab=random_vocab)
     try:
         yield
     finally:
@@ -143,7 +170,7 @@ class InductionFormed(Exception):
     """Raised by :func:`induction_probe` to end a mix phase early once the repeat-NLL drop is reached."""
 
 
-def induction_probe(model, vocab: int, *, seed: int, every: int, n_seq: int = 8, span: int = 40):
+def induction_probe(model, vocab: int, *, seed: int, every: int, n_seq: int = 8, span: int = 40, tok=None):
     """``on_step`` for :func:`train_lm`: every ``every`` steps print the repeat-NLL drop (nats) of
     ``n_seq`` random spans repeated once (eval mode, then back to training); returns the last drop."""
     gen = torch.Generator().manual_seed(seed + 123)
@@ -164,7 +191,13 @@ def induction_probe(model, vocab: int, *, seed: int, every: int, n_seq: int = 8,
             return drop()
         if every and step % every == 0:
             d = drop()
-            print(f"  step {step}: repeat-NLL drop {d:.2f} nats", flush=True)
+            from lnfree_interp import induction_score, load_hf
+
+            # the attention pattern, not only the NLL (a folded copy: the library never takes unfolded models)
+            heads = induction_score(load_hf(model, expect_lnfree=False, tokenizer=tok), n_seq=8, seed=seed)
+            print(f"  step {step}: repeat-NLL drop {d:.2f} nats; best induction head {heads.best_induction[0]} "
+                  f"{heads.best_induction[1]:.3f}, previous-token {heads.best_prev_token[0]} "
+                  f"{heads.best_prev_token[1]:.3f}", flush=True)
             if on_step.stop_at is not None and d >= on_step.stop_at:
                 on_step.stopped_at = step
                 raise InductionFormed(step)
@@ -187,11 +220,12 @@ def finetune(kind: str, state: dict, config, train_ids, ft_steps: int, schedule,
     base = GPT2LMHeadModel(config)
     base.load_state_dict(state)
     mix = parse_phases(args.ft_mix)[0] if args.ft_mix else dict(PHASE_DEFAULTS)
-    with repeat_mix(mix["share"], config.vocab_size, mix["copies"], mix["prev"]):
+    with repeat_mix(mix["share"], config.vocab_size, mix["copies"], mix["prev"], bool(mix["perm"]),
+                    None if mix["rand"] < 0 else mix["rand"], mix["rvocab"]):
         if kind == "vanilla":
             train_lm(base, train_ids, steps=ft_steps, lr=6e-4, batch_size=args.ft_batch, seq_len=128, seed=args.seed + 1,
                      desc="vanilla fine-tune", on_step=induction_probe(base, config.vocab_size, seed=args.seed,
-                                                                      every=args.probe_every * 2))
+                                                                      every=args.probe_every * 2, tok=tok))
             base.save_pretrained(out, safe_serialization=True)
             tok.save_pretrained(out)
         else:
@@ -386,7 +420,7 @@ RECIPES = {
                   "share=0.33,prev=0.33,copies=4"),
 }
 PHASE_DEFAULTS = {"steps": 0, "threads": 2, "lr": 2e-3, "batch": 32, "share": 0.0, "prev": 0.0, "copies": 2, "dropout": 0.0,
-                  "stop": float("inf")}
+                  "stop": float("inf"), "perm": 1, "rand": -1.0, "rvocab": 0}
 
 
 def parse_phases(spec: str) -> list[dict]:
@@ -399,7 +433,7 @@ def parse_phases(spec: str) -> list[dict]:
             key, _, value = item.partition("=")
             if key not in ph:
                 raise SystemExit(f"unknown phase key {key!r} in {part!r}; keys: {', '.join(ph)}")
-            ph[key] = type(ph[key])(float(value)) if key in ("steps", "threads", "batch", "copies") else float(value)
+            ph[key] = type(ph[key])(float(value)) if key in ("steps", "threads", "batch", "copies", "perm", "rvocab") else float(value)
         phases.append(ph)
     return phases
 
@@ -426,6 +460,11 @@ def main() -> None:
                         help="the fine-tunes' data mix as 'share=...,prev=...,copies=...' (repeat share, "
                              "previous-token share, most copies: keeps induction through the LayerNorm removal; "
                              "see repeat_batches); default: the recipe's ('' = plain text)")
+    parser.add_argument("--keep-phases", action="store_true",
+                        help="save the model after each pre-training phase to OUT/after-phase-I")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start pre-training from this saved model (e.g. OUT/after-phase-0 of an earlier run: "
+                             "the tokenizer is rebuilt identically) instead of a fresh initialisation")
     parser.add_argument("--probe-every", type=int, default=50, help="print the repeat-NLL drop every N steps")
     args = parser.parse_args()
     recipe_phases, recipe_mix = RECIPES[args.recipe]
@@ -468,8 +507,8 @@ def main() -> None:
     schedule = RemovalSchedule(start=args.gap, gap_ln2=args.gap, gap_ln1=args.gap, gap_lnf=args.gap,
                                tail=args.tail)
     ft_steps = schedule.total_steps(config.n_layer)
-    base = GPT2LMHeadModel(config)
-    probe = induction_probe(base, len(tok), seed=args.seed, every=args.probe_every)
+    base = GPT2LMHeadModel(config) if args.init is None else GPT2LMHeadModel.from_pretrained(args.init)
+    probe = induction_probe(base, len(tok), seed=args.seed, every=args.probe_every, tok=tok)
     stopped = {}
     for i, ph in enumerate(phases):
         for module in base.modules():  # this phase's dropout (the fine-tunes use the config's again)
@@ -478,7 +517,8 @@ def main() -> None:
         probe.stop_at = None if ph["stop"] == float("inf") else ph["stop"]
         torch.set_num_threads(ph["threads"])  # 1 thread: the float summation order of the issue-9 trial
         try:
-            with repeat_mix(ph["share"], len(tok), ph["copies"], ph["prev"]):
+            with repeat_mix(ph["share"], len(tok), ph["copies"], ph["prev"], bool(ph["perm"]),
+                            None if ph["rand"] < 0 else ph["rand"], ph["rvocab"]):
                 train_lm(base, train_ids, steps=ph["steps"], lr=ph["lr"], batch_size=ph["batch"], seq_len=seq_len,
                          warmup=50, seed=args.seed + i, desc=f"pre-training phase {i}", on_step=probe)
         except InductionFormed as e:
@@ -487,6 +527,9 @@ def main() -> None:
             print(f"phase {i} stopped at step {e.args[0]}: repeat-NLL drop >= {ph['stop']}", flush=True)
         print(f"phase {i} done at {(time.time() - t0) / 60:.1f} min; repeat-NLL drop {probe(-1):.2f} nats",
               flush=True)
+        if args.keep_phases:  # a checkpoint per phase, to try continuations with --init
+            base.save_pretrained(args.out / f"after-phase-{i}", safe_serialization=True)
+            tok.save_pretrained(args.out / f"after-phase-{i}")
     args.out.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(dirs[NAMES[0]], safe_serialization=True)
     tok.save_pretrained(dirs[NAMES[0]])
