@@ -1,6 +1,6 @@
 """The direct path's components: what each writer adds to the final residual stream, captured in one forward.
 
-Used by :mod:`lnfree_interp.dla` (DLA and the direct effect). A forward keeps only each hook's activation at
+Used by ``lnfree_interp.dla`` (DLA and the direct effect). A forward keeps only each hook's activation at
 the attributed position of each prompt (``[B, ...]``, never a ``[B, pos, ...]`` cache); components are the
 embeddings, each head ``L{l}H{h}`` (``hook_z @ W_O``) or layer ``{l}_attn_out``, each MLP ``{l}_mlp_out`` or
 its neurons ``L{l}N{n}`` (kept factored as activation times a row of ``W_out``), and the constant biases, so
