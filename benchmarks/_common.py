@@ -92,11 +92,7 @@ def load_note() -> str:
     return f"load average (1/5/15 min) {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} cpus"
 
 
-def tl_major() -> int:
-    from importlib.metadata import version
-
-    return int(version("transformer-lens").split(".")[0])
-
+from lnfree_interp.backends.tl import tl_major  # noqa: E402,F401  (re-exported for the benchmarks: C.tl_major())
 
 # ------------------------------------------------------------------------------------------------
 # checkpoints
