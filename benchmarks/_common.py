@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from lnfree_interp.backends.tl import tl_major  # noqa: F401  (the benchmarks call C.tl_major())
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
@@ -90,9 +92,6 @@ def load_note() -> str:
     """The machine's load average: benchmarks on a shared machine are only as quiet as it is."""
     one, five, fifteen = os.getloadavg()
     return f"load average (1/5/15 min) {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} cpus"
-
-
-from lnfree_interp.backends.tl import tl_major  # noqa: E402,F401  (re-exported for the benchmarks: C.tl_major())
 
 # ------------------------------------------------------------------------------------------------
 # checkpoints
