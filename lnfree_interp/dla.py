@@ -23,6 +23,7 @@ on GPT-2 small, 0% on its LN-free version. `compare_dla_direct_effect` reproduce
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,8 +72,12 @@ class _Request:
         if by != "neuron" and (top_k is not None or layers is not None):
             raise LNFreeError(f"top_k and layers select MLP neurons, so they need by='neuron' (got by={by!r}); "
                               "for the largest components of any result use result.top(k).")
-        if top_k is not None and int(top_k) < 1:
-            raise LNFreeError(f"top_k={top_k} must be at least 1.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+            raise LNFreeError(f"top_k={top_k!r} must be an integer >= 1.")
+        given = [layers] if isinstance(layers, numbers.Integral) else layers
+        if layers is not None and (not isinstance(given, (list, tuple, range)) or
+                                   any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in given)):
+            raise LNFreeError(f"layers={layers!r}: give a layer index or a list of layer indices (integers).")
         if value_bias not in ("head", "attn_bias"):
             raise LNFreeError(f"value_bias={value_bias!r}: use 'head' (b_V W_O counted in each head, the default) or "
                               "'attn_bias' (folded into {l}_attn_bias, TransformerLens's fold_value_biases).")
@@ -307,7 +312,8 @@ def direct_effect(
                         per_prompt={"answer": answer, "wrong": wrong, "pos": pos})
         return run_batches(lambda p: direct_effect(
             model, p["inputs"][0], p["answer"], p["wrong"], components=components,
-            ablation=ablation if p["corrupted"] is None else p["corrupted"][0], pos=p["pos"],
+            ablation=ablation if p["corrupted"] is None else
+            {"input_ids": p["corrupted"][0], "attention_mask": p["corrupted"][1]}, pos=p["pos"],
             attention_mask=p["inputs"][1], layers=layers, value_bias=value_bias), parts, progress, "direct effect")
     req = _Request.build(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask, by=components,
                          layers=layers, top_k=top_k, value_bias=value_bias)
@@ -358,8 +364,15 @@ def compare_dla_direct_effect(
 
     kw: dict[str, Any] = {"pos": pos, "attention_mask": attention_mask, "batch_size": batch_size,
                           "progress": progress}
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise LNFreeError(f"n_boot={n_boot!r} must be an integer >= 1 (bootstrap resamples).")
     dla = direct_logit_attribution(model, inputs, answer, wrong, **kw)
     de = direct_effect(model, inputs, answer, wrong, **kw)
+    scale = float(dla.metric.abs().max()) if dla.metric.numel() else 0.0
+    if dla.metric.shape != de.metric.shape or float((dla.metric - de.metric).abs().max()) > 1e-6 * max(1.0, scale):
+        raise LNFreeError("DLA and the direct effect were computed on different prompts (their metrics differ): the "
+                          "inputs gave other prompts on the second pass, e.g. a DataLoader with shuffle=True or an "
+                          "iterable dataset. Pass a DataLoader that yields the same batches each time.")
     heads = [i for i, lab in enumerate(dla.labels) if lab.startswith("L") and "H" in lab]
     a, b = dla.values[heads].double().cpu(), de.values[heads].double().cpu()
     per = pd.DataFrame({"component": [dla.labels[i] for i in heads],

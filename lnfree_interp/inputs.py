@@ -78,6 +78,8 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
         inputs = inputs["input_ids"]
     if isinstance(inputs, str):
         inputs = [inputs]
+    if type(inputs).__module__.startswith("datasets"):  # a Hugging Face datasets Column: its values, as a list
+        inputs = list(inputs)
     if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
         raise LNFreeError("Empty inputs: pass at least one prompt.")
     if isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs):

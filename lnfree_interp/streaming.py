@@ -52,12 +52,27 @@ def _as_list(x: Any) -> Any:
     return x
 
 
+def per_prompt_count(arg: Any) -> int | None:
+    """How many per-prompt values ``arg`` holds (a list, tuple or array of more than one), else ``None``."""
+    if isinstance(arg, (str, bytes)) or arg is None:
+        return None
+    if isinstance(arg, Tensor):
+        return int(arg.shape[0]) if arg.ndim >= 1 and arg.shape[0] > 1 else None
+    if isinstance(arg, (list, tuple)) or (hasattr(arg, "__array__") and getattr(arg, "ndim", 0) >= 1):
+        return len(arg) if len(arg) > 1 else None
+    return None
+
+
 def take(arg: Any, start: int, stop: int, n: int) -> Any:
     """``arg[start:stop]`` if it is a per-prompt value (a sequence or tensor of length ``n``), else ``arg``."""
     if hasattr(arg, "take") and not isinstance(arg, Tensor):  # a metric with per-prompt tokens
         return arg.take(start, stop, n)
     if isinstance(arg, str) or arg is None:
         return arg
+    count = per_prompt_count(arg)
+    if count is not None and count != n:
+        raise LNFreeError(f"{count} per-prompt values (answer, wrong, pos or a metric's tokens) for {n} prompts: give "
+                          "one value for all prompts or one per prompt.")
     if isinstance(arg, Tensor) and arg.ndim >= 1 and arg.shape[0] == n:
         return arg[start:stop]
     if isinstance(arg, (list, tuple)) and len(arg) == n and n > 1:
@@ -72,14 +87,28 @@ def _tokens(backend: Any, x: Any, mask: Any) -> tuple[Tensor, Tensor]:
 
     if isinstance(x, dict) and ("input_ids" in x or "text" in x):
         if "input_ids" in x:
-            return prepare(backend, torch.as_tensor(x["input_ids"]), x.get("attention_mask"))
+            ids = x["input_ids"]
+            if isinstance(ids, (list, tuple)) and ids and torch.is_tensor(ids[0]):
+                raise LNFreeError("A DataLoader batch's input_ids is a list of tensors: the default collate turns "
+                                  "lists of token ids into one tensor per position. Give the dataset tensors (a "
+                                  "Hugging Face dataset: ds.with_format('torch')) so batches are [batch, pos].")
+            return prepare(backend, ids, x.get("attention_mask"))
         return prepare(backend, list(x["text"]))
     return prepare(backend, _as_list(x), mask)
 
 
 def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any = None, mask: Any = None,
-            c_mask: Any = None, per_prompt: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Yield ``{"inputs": (tokens, mask), "corrupted": (tokens, mask) | None, **per_prompt}`` per batch."""
+            c_mask: Any = None, per_prompt: dict[str, Any] | None = None,
+            keys: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield ``{"inputs": (tokens, mask), "corrupted": (tokens, mask) | None, **per_prompt}`` per batch.
+
+    ``keys``: whether the caller reads ``answer`` / ``wrong`` / ``pos`` keys of a DataLoader's batches
+    (else such keys raise: silently ignoring them would attribute another metric).
+
+    Raises:
+        LNFreeError: per-prompt values of another length than the prompts (or with a DataLoader), a
+            DataLoader pair where single prompts are expected, unread batch keys, mismatched loaders.
+    """
     per_prompt = dict(per_prompt or {})
     pair_wanted = corrupted is not None or "metric" in per_prompt
     if is_loader(inputs) and is_loader(corrupted):  # two loaders: their batches are zipped, one pair per batch
@@ -98,13 +127,28 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
         raise LNFreeError("The clean prompts are a DataLoader, the corrupted ones are not: pass a DataLoader for each "
                           "(zipped batch by batch), or one DataLoader of (clean, corrupted) pairs and corrupted=None.")
     if is_loader(inputs):
+        cut = {k: per_prompt_count(getattr(v, "answer", v)) or per_prompt_count(getattr(v, "pos", None))
+               for k, v in per_prompt.items()}
+        if any(cut.values()):
+            raise LNFreeError(f"Per-prompt {', '.join(k for k, c in cut.items() if c)} cannot be cut from a "
+                              "DataLoader's batches: put them in the batches as 'answer' / 'wrong' / 'pos' keys "
+                              "(DLA, direct effect), or pass token tensors with batch_size=.")
         for item in inputs:
             extra = {}
             if isinstance(item, dict):
                 extra = {k: item[k] for k in ("answer", "wrong", "pos") if k in item}
+                if extra and not keys:
+                    raise LNFreeError(f"The DataLoader's batches carry {sorted(extra)}, which this function does not "
+                                      "read (its metric is fixed): build the metric with per-prompt tokens instead, "
+                                      "e.g. logit_diff(answers, wrongs), and pass token tensors with batch_size=.")
                 if "clean" in item:
                     item = (item["clean"], item["corrupted"])
             pair = isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], str)
+            if pair and not pair_wanted:
+                raise LNFreeError("The DataLoader yielded a pair (e.g. TensorDataset(tokens, mask)), but this call "
+                                  "takes single prompts: for token ids with a mask yield dicts {'input_ids': ..., "
+                                  "'attention_mask': ...}; for corrupted prompts pass them (or a second DataLoader) "
+                                  "as the corrupted / ablation argument.")
             if pair_wanted or pair:
                 if not (isinstance(item, (tuple, list)) and len(item) == 2):
                     raise LNFreeError("For prompt pairs the DataLoader must yield (clean, corrupted) tuples or "
@@ -152,7 +196,7 @@ def stream_pairs(fn: Callable[..., Any], model: Any, clean: Any, corrupted: Any,
     from .backends import get_backend
 
     parts = batches(get_backend(model), clean, chunk, corrupted=corrupted, mask=attention_mask,
-                    c_mask=corrupted_attention_mask, per_prompt={"metric": metric})
+                    c_mask=corrupted_attention_mask, per_prompt={"metric": metric}, keys=False)
     def call(p: dict[str, Any]) -> Any:
         return fn(model, p["inputs"][0], p["corrupted"][0], p["metric"], attention_mask=p["inputs"][1],
                   corrupted_attention_mask=p["corrupted"][1], **kwargs)

@@ -82,3 +82,59 @@ def test_bad_streams(models):
         L.direct_effect(model, clean, 5, 9, ablation="mean", batch_size=2)
     with pytest.raises(LNFreeError, match="corrupted"):
         L.attribution_patching(model, clean, corrupted[:5], logit_diff(5, 9), batch_size=2, progress=False)
+
+
+def test_streams_found_wrong_by_a_new_user():
+    """Each of these returned a wrong number without an error (fresh-user trial, 2026-12-02)."""
+    from torch.utils.data import TensorDataset
+
+    model = L.load_hf("tiny-shakespeare-lnfree", dtype=torch.float64)
+    clean = ["ROMEO:\nI will not", "JULIET:\nI am the", "KING:\nGo now", "QUEEN:\nAnd so"]
+    corr = ["QUEEN:\nShe can not", "HAMLET:\nhe is a good", "LEAR:\nThou art", "ROMEO:\nI am"]  # other widths
+    # 1. streamed corrupted strings keep their padding mask (pos=-1 was read at a padding column)
+    one = L.direct_effect(model, clean, " be", " go", ablation=corr)
+    for kw in ({"batch_size": 2}, {"batch_size": 4}):
+        many = L.direct_effect(model, clean, " be", " go", ablation=corr, progress=False, **kw)
+        assert (many.values - one.values).abs().max() <= 1e-10, kw
+    # 2. a (tokens, mask) TensorDataset is not a (clean, corrupted) pair
+    toks, mask = L.inputs.prepare(L.backends.get_backend(model), clean)
+    loader = DataLoader(TensorDataset(toks, mask), batch_size=2)
+    for fn in (L.direct_logit_attribution, L.direct_effect):
+        with pytest.raises(LNFreeError, match="pair"):
+            fn(model, loader, " be", " go", progress=False)
+    # 3. per-prompt values of another length than the prompts, and per-prompt values with a DataLoader
+    with pytest.raises(LNFreeError, match="per-prompt"):
+        L.direct_logit_attribution(model, clean, [" be", " go"], batch_size=2, progress=False)
+    with pytest.raises(LNFreeError, match="per-prompt"):
+        L.direct_logit_attribution(model, clean, " be", pos=[-1, -2], batch_size=2, progress=False)
+    with pytest.raises(LNFreeError, match="per-prompt"):
+        L.attribution_patching(model, toks, toks.flip(0), logit_diff([1, 2, 3], [4, 5, 6]), batch_size=2,
+                               progress=False)
+    with pytest.raises(LNFreeError, match="DataLoader"):
+        L.direct_logit_attribution(model, DataLoader(clean, batch_size=2), [" be", " go", " a", " b"], progress=False)
+    # 4. answer keys in a DataLoader's batches are not silently ignored by a fixed-metric function
+    keyed = DataLoader([{"clean": c, "corrupted": k, "answer": 5, "wrong": 9} for c, k in zip(toks, toks.flip(0))],
+                       batch_size=2)
+    with pytest.raises(LNFreeError, match="does not read"):
+        L.attribution_patching(model, keyed, None, logit_diff(5, 9), progress=False)
+    # 5. a shuffled DataLoader gives DLA and the direct effect other prompts: refused, not a 34 % NMAE
+    with pytest.raises(LNFreeError, match="different prompts"):
+        L.compare_dla_direct_effect(model, DataLoader(clean, batch_size=3, shuffle=True,
+                                                      generator=torch.Generator().manual_seed(1)), " be", " go",
+                                    progress=False)
+    assert L.compare_dla_direct_effect(model, DataLoader(clean, batch_size=3), " be", " go", progress=False).nmae < 1e-8
+    # 6. list input_ids collated per position, 7. argument checks
+    lists = DataLoader([{"input_ids": t.tolist()} for t in toks], batch_size=2)
+    with pytest.raises(LNFreeError, match="with_format"):
+        L.direct_logit_attribution(model, lists, " be", progress=False)
+    for bad in ({"layers": "12"}, {"layers": [1.7]}, {"layers": True}, {"layers": 1.5}, {"top_k": 2.7},
+                {"top_k": "3"}):
+        with pytest.raises(LNFreeError):
+            L.direct_logit_attribution(model, clean, " be", by="neuron", **bad)
+    with pytest.raises(LNFreeError, match="n_boot"):
+        L.compare_dla_direct_effect(model, clean, " be", " go", n_boot=0)
+    # 8. a datasets Column without batch_size (it streamed, but one batch was refused)
+    datasets = pytest.importorskip("datasets", reason="the datasets extra is not installed")
+    column = datasets.Dataset.from_dict({"text": clean})["text"]
+    got = L.direct_logit_attribution(model, column, " be", " go")
+    assert (got.values - L.direct_logit_attribution(model, clean, " be", " go").values).abs().max() == 0
