@@ -93,7 +93,8 @@ class _Request:
         direction, bias = w.W_U[:, answer_ids].T.detach(), w.b_U[answer_ids].detach()  # numbers, not a graph
         if wrong_ids is not None:
             direction, bias = direction - w.W_U[:, wrong_ids].T.detach(), bias - w.b_U[wrong_ids].detach()
-        return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen, top_k,
+        return cls(backend, tokens, mask, positions(pos, mask), pos, answer_ids, wrong_ids, by, chosen,
+                   None if top_k is None else int(top_k),
                    value_bias, direction, bias, backend.norms().ln_final.is_identity)
 
     def capture(self, tokens: Tensor | None = None, mask: Tensor | None = None, sums: bool = False) -> dp.Capture:
