@@ -10,7 +10,8 @@ token tensors, lists of strings, or dicts with ``input_ids`` (+ ``attention_mask
 and for pairs ``(clean, corrupted)`` tuples or ``{"clean": ..., "corrupted": ...}`` dicts, or two DataLoaders
 (clean and corrupted, zipped batch by batch). Per-prompt
 arguments (``answer``, ``wrong``, ``pos``, a metric's per-prompt tokens) are cut alongside; a
-DataLoader's batches may carry their own ``answer`` / ``wrong`` keys.
+DataLoader's batches may carry their own ``answer`` / ``wrong`` / ``pos`` keys (read by DLA and the direct
+effect; functions with a fixed metric refuse them rather than ignore them).
 """
 
 from __future__ import annotations
@@ -97,6 +98,16 @@ def _tokens(backend: Any, x: Any, mask: Any) -> tuple[Tensor, Tensor]:
     return prepare(backend, _as_list(x), mask)
 
 
+def _batch_keys(item: Any, keys: bool) -> dict[str, Any]:
+    """A DataLoader batch's ``answer`` / ``wrong`` / ``pos`` keys; refused when the caller does not read them."""
+    extra = {k: item[k] for k in ("answer", "wrong", "pos") if isinstance(item, dict) and k in item}
+    if extra and not keys:
+        raise LNFreeError(f"The DataLoader's batches carry {sorted(extra)}, which this function does not read (its "
+                          "metric is fixed): build the metric with per-prompt tokens instead, e.g. "
+                          "logit_diff(answers, wrongs), and pass token tensors with batch_size=.")
+    return extra
+
+
 def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any = None, mask: Any = None,
             c_mask: Any = None, per_prompt: dict[str, Any] | None = None,
             keys: bool = True) -> Iterator[dict[str, Any]]:
@@ -111,36 +122,32 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
     """
     per_prompt = dict(per_prompt or {})
     pair_wanted = corrupted is not None or "metric" in per_prompt
+    if is_loader(inputs) and corrupted is not None and not is_loader(corrupted):
+        raise LNFreeError("The clean prompts are a DataLoader, the corrupted ones are not: pass a DataLoader for each "
+                          "(zipped batch by batch), or one DataLoader of (clean, corrupted) pairs and corrupted=None.")
+    if is_loader(inputs):  # per-prompt arguments cannot be cut to a DataLoader's batches
+        cut = [k for k, v in per_prompt.items() if per_prompt_count(v) or (  # a value, or a metric's tokens
+               hasattr(v, "take") and any(per_prompt_count(getattr(v, a, None)) for a in ("answer", "wrong", "pos")))]
+        if cut:
+            raise LNFreeError(f"Per-prompt {', '.join(cut)} cannot be cut to a DataLoader's batches: put them in the "
+                              "batches as 'answer' / 'wrong' / 'pos' keys (DLA, direct effect), or pass token tensors "
+                              "with batch_size=.")
     if is_loader(inputs) and is_loader(corrupted):  # two loaders: their batches are zipped, one pair per batch
         for n, (item, c_item) in enumerate(zip_longest(inputs, corrupted, fillvalue=None)):
             if item is None or c_item is None:
                 raise LNFreeError(f"The clean and corrupted DataLoaders have different numbers of batches (they part "
                                   f"at batch {n}); give them the same dataset length and batch size.")
-            extra = {k: item[k] for k in ("answer", "wrong", "pos") if isinstance(item, dict) and k in item}
+            extra = _batch_keys(item, keys)
             clean_part, corr_part = _tokens(backend, item, None), _tokens(backend, c_item, None)
             if clean_part[0].shape[0] != corr_part[0].shape[0]:
                 raise LNFreeError(f"Batch {n}: {clean_part[0].shape[0]} clean prompts but {corr_part[0].shape[0]} "
                                   "corrupted ones; give both DataLoaders the same batch size.")
             yield {"inputs": clean_part, "corrupted": corr_part, **per_prompt, **extra}
         return
-    if is_loader(inputs) and corrupted is not None:
-        raise LNFreeError("The clean prompts are a DataLoader, the corrupted ones are not: pass a DataLoader for each "
-                          "(zipped batch by batch), or one DataLoader of (clean, corrupted) pairs and corrupted=None.")
     if is_loader(inputs):
-        cut = {k: per_prompt_count(getattr(v, "answer", v)) or per_prompt_count(getattr(v, "pos", None))
-               for k, v in per_prompt.items()}
-        if any(cut.values()):
-            raise LNFreeError(f"Per-prompt {', '.join(k for k, c in cut.items() if c)} cannot be cut from a "
-                              "DataLoader's batches: put them in the batches as 'answer' / 'wrong' / 'pos' keys "
-                              "(DLA, direct effect), or pass token tensors with batch_size=.")
         for item in inputs:
-            extra = {}
+            extra = _batch_keys(item, keys)
             if isinstance(item, dict):
-                extra = {k: item[k] for k in ("answer", "wrong", "pos") if k in item}
-                if extra and not keys:
-                    raise LNFreeError(f"The DataLoader's batches carry {sorted(extra)}, which this function does not "
-                                      "read (its metric is fixed): build the metric with per-prompt tokens instead, "
-                                      "e.g. logit_diff(answers, wrongs), and pass token tensors with batch_size=.")
                 if "clean" in item:
                     item = (item["clean"], item["corrupted"])
             pair = isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], str)
