@@ -86,7 +86,7 @@ class _Request:
         answer_ids = token_ids(backend, answer, batch, "answer")
         wrong_ids = None if wrong is None else token_ids(backend, wrong, batch, "wrong")
         all_layers = list(range(backend.n_layers))
-        chosen = all_layers if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
+        chosen = all_layers if layers is None else [int(x) for x in given]
         if any(x not in all_layers for x in chosen):
             raise LNFreeError(f"layers={chosen}: the model has layers 0..{backend.n_layers - 1}.")
         w = backend.weights()
