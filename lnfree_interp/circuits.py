@@ -141,24 +141,32 @@ def edge_attribution(
                 clean_run.grads[name] = clean_run.grads[name] / steps
     valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.logits.dtype)  # [B, P]
     with torch.no_grad():
-        delta = (writer_outputs(backend, corr.acts) - writer_outputs(backend, clean_run.acts))
-        delta = delta * valid_pos[None, :, :, None]
+        delta = writer_outputs(backend, corr.acts, minus=clean_run.acts)  # [B, W, P, d]
+        if not bool(valid_pos.all()):
+            delta *= valid_pos[:, None, :, None]
         W, R = len(graph.writers), len(graph.readers)
         B, P = tokens.shape
         shape = (W, R, P, B) if per_position else (W, R, B)
         dense = torch.zeros(shape, dtype=delta.dtype, device=delta.device)
-        # position-summed scores: one [writer, pos*d] x [pos*d, reader] product per prompt (bmm on a
-        # prompt-major copy of delta made once; einsum would permute delta again for every reader layer)
-        delta_b = None if per_position else delta.permute(1, 0, 2, 3).reshape(B, W, -1)
+        # position-summed scores: one [writer, pos*d] x [pos*d, reader] product per prompt (both operands are
+        # views of prompt-major tensors: no copy)
         for layer in [*range(L), None]:
-            g = sum(reader_grads(backend, run.acts, run.grads, layer) for run in runs) / len(runs)
-            start, stop = (R - 1, R) if layer is None else graph.reader_slice(layer)
+            parts = reader_grads(backend, runs[0].acts, runs[0].grads, layer)  # [r, B, P, d] blocks
+            for run in runs[1:]:  # EAP-IG on an LN baseline: the mean over the steps
+                for part, more in zip(parts, reader_grads(backend, run.acts, run.grads, layer)):
+                    part += more
+            start = R - 1 if layer is None else graph.reader_slice(layer)[0]
             n = W if layer is None else graph.writers_before(layer, mlp=True)  # only writers that can feed them
-            if delta_b is None:
-                dense[:n, start:stop] = torch.einsum("wbpd,rbpd->wrpb", delta[:n], g)
-            else:
-                g_b = g.permute(1, 2, 3, 0).reshape(B, -1, g.shape[0])  # [B, P*d, r]
-                dense[:n, start:stop] = torch.bmm(delta_b[:, :n], g_b).permute(1, 2, 0)
+            for g in parts:
+                if len(runs) > 1:
+                    g /= len(runs)
+                stop = start + g.shape[0]
+                if per_position:
+                    dense[:n, start:stop] = torch.einsum("bwpd,rbpd->wrpb", delta[:, :n], g)
+                else:  # per prompt [n, P*d] x [P*d, r]; both operands strided views (no copy)
+                    scores = torch.bmm(delta[:, :n].reshape(B, n, -1), g.reshape(g.shape[0], B, -1).permute(1, 2, 0))
+                    dense[:n, start:stop] = scores.permute(1, 2, 0)
+                start = stop
         dense[~graph.valid] = 0
         values = dense[graph.edge_index]  # [E, (P,) B]
     linear = bool(getattr(metric, "linear", False))
@@ -240,7 +248,7 @@ def edge_patching(
     with torch.no_grad():
         corr = backend.run(c_tokens, c_mask, capture=wnames, metric=f_corr)
         clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
-        delta = writer_outputs(backend, corr.acts) - writer_outputs(backend, clean_run.acts)  # [W, B, P, d]
+        delta = writer_outputs(backend, corr.acts, minus=clean_run.acts)  # [B, W, P, d]
         m_clean = clean_run.metric
         assert m_clean is not None  # the run was given a metric
         copies = max(1, batch_size // B)
@@ -263,11 +271,11 @@ def edge_patching(
                 if kind in "qkv":
                     out = delta.new_zeros(J, H, B, P, d)
                     for j, wi, h in jobs:
-                        out[j, h] = delta[wi]
+                        out[j, h] = delta[:, wi]
                 else:
                     out = delta.new_zeros(J, B, P, d)
                     for j, wi, _ in jobs:
-                        out[j] = delta[wi]
+                        out[j] = delta[:, wi]
                 return out
 
             rebuild = Rebuild(backend, J, extra)

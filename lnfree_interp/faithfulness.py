@@ -47,7 +47,7 @@ def _circuit_masks(graph: Graph, circuits: Sequence[Any]) -> Tensor:
 
 def _evaluate(backend: Backend, graph: Graph, masks: Tensor, tokens: Tensor, mask: Tensor, f_clean,
               ablated: Tensor) -> Tensor:
-    """Metric ``[J, B]`` with every reader's non-circuit inputs taken from ``ablated`` ``[W, B, P, d]``."""
+    """Metric ``[J, B]`` with every reader's non-circuit inputs taken from ``ablated`` ``[B, W, P, d]``."""
     J = masks.shape[0]
     B = tokens.shape[0]
     H, L = backend.n_heads, backend.n_layers
@@ -84,12 +84,12 @@ def _evaluate(backend: Backend, graph: Graph, masks: Tensor, tokens: Tensor, mas
     state: dict[str, Any] = {"cum": None, "n": 0}
 
     def diff(ws: list[int]) -> Tensor:  # [J, len(ws), B, P, d]
-        return ablated[ws][None] - torch.stack([running[w] for w in ws], dim=1)
+        return ablated[:, ws].transpose(0, 1)[None] - torch.stack([running[w] for w in ws], dim=1)
 
     def extra(layer: int | None, kind: str):
         n = len(running)
         for w in range(state["n"], n):
-            d = ablated[w][None] - running[w]
+            d = ablated[:, w][None] - running[w]
             state["cum"] = d if state["cum"] is None else state["cum"] + d
         state["n"] = n
         if layer is None:
@@ -221,9 +221,9 @@ def faithfulness_curve(
             m_clean = backend.run(tokens, mask, metric=f_clean).metric
         else:
             clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
-            outs = writer_outputs(backend, clean_run.acts)  # [W, B, P, d]
-            weight = mask.to(outs.dtype)[None, :, :, None]
-            mean = (outs * weight).sum((1, 2), keepdim=True) / weight.sum()
+            outs = writer_outputs(backend, clean_run.acts)  # [B, W, P, d]
+            weight = mask.to(outs.dtype)[:, None, :, None]
+            mean = (outs * weight).sum((0, 2), keepdim=True) / weight.sum()
             ablated, m_clean = mean.expand_as(outs).contiguous(), clean_run.metric
             empty = torch.zeros(1, *graph.valid.shape, dtype=torch.bool)
             m_ablated = _evaluate(backend, graph, empty, tokens, mask, f_clean, ablated)[0]

@@ -89,15 +89,27 @@ def writer_hooks(L: int) -> list[str]:
                                                for n in ("attn.hook_z", "hook_mlp_out")]
 
 
-def writer_outputs(backend: Backend, acts: dict[str, Tensor]) -> Float[Tensor, "writer batch pos d_model"]:
-    """Every writer's output (biases excluded from heads: ``b_O`` is a constant writer)."""
+def writer_outputs(backend: Backend, acts: dict[str, Tensor],
+                   minus: dict[str, Tensor] | None = None) -> Float[Tensor, "batch writer pos d_model"]:
+    """Every writer's output, prompt-major (biases excluded from heads: ``b_O`` is a constant writer).
+
+    With ``minus`` (another run's captures), the difference ``acts - minus`` of every writer, taken
+    before ``W_O`` (one projection per head instead of two)."""
     W_O = backend.weights().W_O
-    outs = [acts["hook_embed"] + acts["hook_pos_embed"]]
+    H = backend.n_heads
+
+    def get(name: str) -> Tensor:
+        return acts[name] if minus is None else acts[name] - minus[name]
+
+    embed = get("hook_embed") + get("hook_pos_embed")
+    B, P, d = acts["hook_embed"].shape
+    out = embed.new_empty(B, 1 + backend.n_layers * (H + 1), P, d)
+    out[:, 0] = embed
     for layer in range(backend.n_layers):
-        z = acts[f"blocks.{layer}.attn.hook_z"]
-        outs += list(torch.einsum("bphk,hkd->hbpd", z, W_O[layer]))
-        outs.append(acts[f"blocks.{layer}.hook_mlp_out"])
-    return torch.stack(outs)
+        i = 1 + layer * (H + 1)
+        out[:, i : i + H] = torch.einsum("bphk,hkd->bhpd", get(f"blocks.{layer}.attn.hook_z"), W_O[layer])
+        out[:, i + H] = get(f"blocks.{layer}.hook_mlp_out")
+    return out
 
 
 def reader_hooks(L: int) -> list[str]:
@@ -110,19 +122,20 @@ def reader_hooks(L: int) -> list[str]:
 
 
 def reader_grads(backend: Backend, acts: dict[str, Tensor], grads: dict[str, Tensor],
-                  layer: int | None) -> Float[Tensor, "reader batch pos d_model"]:
-    """``d metric / d (reader input)`` for the readers of ``layer`` (``None``: the logits)."""
+                 layer: int | None) -> list[Float[Tensor, "reader batch pos d_model"]]:
+    """``d metric / d (reader input)`` for the readers of ``layer`` (``None``: the logits), in reader order as
+    contiguous blocks: the heads' q, k, v inputs ``[3 n_heads, B, P, d]`` (one ``bmm``), then the MLP's
+    ``[1, B, P, d]`` (no concatenation copy)."""
     if layer is None:
-        return grads[f"blocks.{backend.n_layers - 1}.hook_resid_post"][None]
+        return [grads[f"blocks.{backend.n_layers - 1}.hook_resid_post"][None]]
     w, norms = backend.weights(), backend.norms()
     p = f"blocks.{layer}."
-    out = []
-    for x, W in zip("qkv", (w.W_Q, w.W_K, w.W_V)):
-        g = torch.einsum("bphk,hdk->hbpd", grads[p + f"attn.hook_{x}"], W[layer])  # d/d(normalised input)
-        out.append(norms.ln1[layer].vjp(acts[p + "hook_resid_pre"], g))
+    B, P, H, k = grads[p + "attn.hook_q"].shape
+    g_qkv = torch.cat([grads[p + f"attn.hook_{x}"].permute(2, 0, 1, 3).reshape(H, B * P, k) for x in "qkv"])
+    W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]]).transpose(1, 2)  # [3H, d_head, d]
+    qkv = torch.bmm(g_qkv, W).view(3 * H, B, P, -1)  # d/d(normalised input)
     g = grads[p + "mlp.hook_pre"] @ w.W_in[layer].T
-    out.append(norms.ln2[layer].vjp(acts[p + "hook_resid_mid"], g)[None])
-    return torch.cat(out)
+    return [norms.ln1[layer].vjp(acts[p + "hook_resid_pre"], qkv), norms.ln2[layer].vjp(acts[p + "hook_resid_mid"], g)[None]]
 
 
 # --------------------------------------------------------------------------------------------

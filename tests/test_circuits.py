@@ -385,7 +385,7 @@ def test_reader_inputs_are_the_sum_of_their_writers(models, loader):
     L_ = backend.n_layers
     names = writer_hooks(L_) + [f"blocks.{x}.hook_resid_{s}" for x in range(L_) for s in ("pre", "mid", "post")]
     acts = backend.run(tokens, None, capture=names).acts
-    outs = writer_outputs(backend, acts)  # [W, B, P, d] in graph order
+    outs = writer_outputs(backend, acts).transpose(0, 1)  # [W, B, P, d] in graph order
     w, H = backend.weights(), backend.n_heads
     total = outs[0].clone()
     for layer in range(L_):
