@@ -90,7 +90,8 @@ def train_tokenizer(text: str, vocab_size: int):
 
 def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: float, vocab: int,
                    min_span: int = 8, max_copies: int = 2, prev_share: float = 0.0, prev_vocab: int | None = None,
-                   permute: bool = True, random_share: float | None = None, random_vocab: int = 0):
+                   permute: bool = True, random_share: float | None = None, random_vocab: int = 0,
+                   pairs_share: float = 0.0):
     """Random windows ``[batch_size, seq_len]`` as :func:`lnfree_interp.removal.batches`, with a share
     of them holding a repeated span and another share replaced by previous-token sequences (seeded).
 
@@ -109,6 +110,9 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
     waiting for it (``prev_vocab``: draw those ids from ``1 .. prev_vocab - 1`` only; default the whole
     vocabulary, which formed induction fastest in the trials). ``permute=False``: ``perm`` is the identity,
     so the sequence alternates two ids and the previous-token head's job is to copy.
+
+    A share ``pairs_share`` of windows are :func:`pair_window` s (repeated random spans from BOS on); the
+    induction targets of the last batch are left in ``GUIDE`` for :class:`Guide`.
     """
     gen = torch.Generator().manual_seed(seed)
     prev_vocab = vocab if prev_vocab is None else min(prev_vocab, vocab)
@@ -121,6 +125,10 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
         starts = torch.randint(0, n - seq_len, (batch_size,), generator=gen)
         x = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
         u = torch.rand(batch_size, generator=gen)
+        targets = torch.full((batch_size, seq_len), -1, dtype=torch.long)
+        for i in ((u >= share + prev_share) & (u < share + prev_share + pairs_share)).nonzero().flatten().tolist():
+            x[i], targets[i] = pair_window(gen, vocab, seq_len)
+        GUIDE["x"], GUIDE["targets"] = x, targets
         for i in ((u >= share) & (u < share + prev_share)).nonzero().flatten().tolist():
             seq = torch.empty(seq_len, dtype=torch.long)
             seq[:2] = torch.randint(1, prev_vocab, (2,), generator=gen)
@@ -146,20 +154,101 @@ def repeat_batches(tokens, *, batch_size: int, seq_len: int, seed: int, share: f
         yield x
 
 
+def pair_window(gen: torch.Generator, vocab: int, seq_len: int, min_span: int = 5,
+                max_span: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, targets)``: BOS, then back-to-back pairs ``s s`` of spans of ``L`` distinct random ids
+    (``L`` uniform in ``[min_span, max_span]``, ids ``1 .. vocab-1``) up to ``seq_len`` tokens. ``targets[q]``
+    is, for a token ``q`` of a second copy (but its last), the position after that token's first
+    occurrence - where an induction head attends (``q - L + 1``); -1 elsewhere. Spans up to 60 tokens cover
+    the offsets ``induction_score`` tests (50): trained on spans of at most 30, a guided head reached only
+    ~0.27 at offset 49."""
+    out, targets = [0], torch.full((seq_len,), -1, dtype=torch.long)
+    while len(out) < seq_len:
+        L = int(torch.randint(min_span, max_span + 1, (1,), generator=gen))
+        second = len(out) + L
+        for q in range(second, min(second + L - 1, seq_len - 1)):
+            targets[q] = q - L + 1
+        span = (torch.randperm(vocab - 1, generator=gen)[:L] + 1).tolist()
+        out += span + span
+    return torch.tensor(out[:seq_len]), targets
+
+
+GUIDE: dict[str, torch.Tensor] = {}  # the last batch drawn by repeat_batches and its induction targets
+
+
+class Guide:
+    """Attention guidance (issue 9): an auxiliary loss that teaches head ``L0H0`` to attend to the previous
+    token and head ``L1H0`` to attend induction-style on :func:`pair_window` s, each also to copy what it
+    attends to into the logits (its direct path through the tied unembedding predicts the token it reads).
+
+    Trained on the language-modelling loss alone, a model of this size sits on the induction plateau for
+    the whole CPU budget (trials in the module docstring): every factor of the circuit (the previous-token
+    head's OV, the induction head's QK and OV) is a product of small random matrices, so each waits for the
+    others. Guidance breaks the symmetry for a few hundred steps; the later phases train on the plain loss,
+    so the heads stay only if the model uses them (the fine-tunes and the cards measure that).
+
+    Use as a context manager around ``train_lm(..., aux_loss=guide.loss)``: hooks the two layers, and
+    switches the model to eager attention (which returns the attention pattern) while it lasts.
+    """
+
+    def __init__(self, model, attention: float, copy: float):
+        self.model, self.attention, self.copy = model, attention, copy
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> Guide:
+        blocks = self.model.transformer.h
+        self.previous_impl = self.model.config._attn_implementation
+        self.model.config._attn_implementation = "eager"
+        self.handles = []
+        for layer in (0, 1):
+            self.handles.append(blocks[layer].attn.register_forward_hook(
+                lambda mod, args, out, layer=layer: self.captured.__setitem__(f"pattern{layer}", out[1])))
+            self.handles.append(blocks[layer].attn.c_proj.register_forward_pre_hook(
+                lambda mod, args, layer=layer: self.captured.__setitem__(f"z{layer}", args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.model.config._attn_implementation = self.previous_impl
+
+    def head_logits(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Head 0's direct contribution to the logits from its ``z`` slice (``[..., d_head]``)."""
+        d_head = self.model.config.n_embd // self.model.config.n_head
+        return (z @ self.model.transformer.h[layer].attn.c_proj.weight[:d_head]) @ self.model.transformer.wte.weight.T
+
+    def loss(self) -> torch.Tensor:
+        x, targets = GUIDE["x"], GUIDE["targets"]
+        d_head = self.model.config.n_embd // self.model.config.n_head
+        p0, p1 = self.captured["pattern0"][:, 0], self.captured["pattern1"][:, 0]  # [B, query, key]
+        q = torch.arange(1, x.shape[1])
+        loss = -(p0[:, q, q - 1] + 1e-6).log().mean() * self.attention
+        if self.copy:
+            logits0 = self.head_logits(0, self.captured["z0"][:, 1:, :d_head])
+            loss = loss + self.copy * torch.nn.functional.cross_entropy(logits0.flatten(0, 1), x[:, :-1].flatten())
+        b, qi = (targets >= 0).nonzero(as_tuple=True)
+        if len(b):
+            loss = loss - (p1[b, qi, targets[b, qi]] + 1e-6).log().mean() * self.attention
+            if self.copy:
+                logits1 = self.head_logits(1, self.captured["z1"][b, qi, :d_head])
+                loss = loss + self.copy * torch.nn.functional.cross_entropy(logits1, x[b, qi + 1])
+        return loss
+
+
 @contextlib.contextmanager
 def repeat_mix(share: float, vocab: int, max_copies: int = 2, prev_share: float = 0.0, permute: bool = True,
-               random_share: float | None = None, random_vocab: int = 0):
+               random_share: float | None = None, random_vocab: int = 0, pairs_share: float = 0.0):
     """Make :func:`lnfree_interp.removal.train_lm` (and so ``remove_layernorm``) draw
     :func:`repeat_batches` for the duration of the block (it looks ``batches`` up at call time)."""
     import lnfree_interp.removal as removal
 
-    if share <= 0 and prev_share <= 0:  # plain windows, exactly removal.batches
+    if share <= 0 and prev_share <= 0 and pairs_share <= 0:  # plain windows, exactly removal.batches
         yield
         return
     original = removal.batches
     removal.batches = functools.partial(repeat_batches, share=share, vocab=vocab, max_copies=max_copies,
                                         prev_share=prev_share, permute=permute, random_share=random_share,
-                                        random_vocab=random_vocab)
+                                        random_vocab=random_vocab, pairs_share=pairs_share)
     try:
         yield
     finally:
@@ -221,7 +310,7 @@ def finetune(kind: str, state: dict, config, train_ids, ft_steps: int, schedule,
     base.load_state_dict(state)
     mix = parse_phases(args.ft_mix)[0] if args.ft_mix else dict(PHASE_DEFAULTS)
     with repeat_mix(mix["share"], config.vocab_size, mix["copies"], mix["prev"], bool(mix["perm"]),
-                    None if mix["rand"] < 0 else mix["rand"], mix["rvocab"]):
+                    None if mix["rand"] < 0 else mix["rand"], mix["rvocab"], mix["pairs"]):
         if kind == "vanilla":
             train_lm(base, train_ids, steps=ft_steps, lr=6e-4, batch_size=args.ft_batch, seq_len=128, seed=args.seed + 1,
                      desc="vanilla fine-tune", on_step=induction_probe(base, config.vocab_size, seed=args.seed,
@@ -259,17 +348,32 @@ MIX_TEXT = ("Data mix: in a phase with a repeat share, that share of the 128-tok
             "previous-token share, that share of windows is a synthetic sequence ``x[t+1] = perm[x[t-1]]`` (two "
             "random ids, then one fixed random permutation of the vocabulary): predicting it needs the token before "
             "the current one, so a previous-token head - the first half of an induction circuit - forms early "
-            "instead of after a long plateau. The other windows are plain Tiny Shakespeare.")
+            "instead of after a long plateau. With a pairs share, that share of windows is BOS followed by "
+            "back-to-back pairs ``s s`` of spans of 5-60 distinct uniformly random token ids (only the second copy "
+            "is predictable, and only by induction). The other windows are plain Tiny Shakespeare.")
+
+GUIDE_TEXT = ("Guidance (the phases with a guide weight): an auxiliary loss, added to the language-modelling "
+              "loss, teaches head L0H0 to attend to the previous token (every window) and head L1H0 to attend "
+              "induction-style on the pair windows (from a token of a second copy to the token after its first "
+              "occurrence), each also to copy what it attends to (its direct path through the tied unembedding "
+              "predicts that token; weight 'copy'). Without it, no trial (ten recipes, 2,000-4,000 steps each, "
+              "see scripts/build_tiny_models.py) formed an induction head on this CPU budget: every factor of the "
+              "circuit is a product of small random matrices, so each waits for the others. The phases after "
+              "it train on the plain loss only, and the fine-tunes too, so the heads measured below are the ones "
+              "the model keeps because it uses them.")
 
 
 def phase_rows(phases: list[dict], stopped: dict) -> str:
-    rows = ["| phase | steps | peak lr | batch | repeat share | most copies | previous-token share | dropout | stop |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| phase | steps | peak lr | batch | repeat share | most copies | previous-token share | pairs share | "
+            "guide (attention / copy) | dropout | stop |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, ph in enumerate(phases):
         stop = "—" if ph["stop"] == float("inf") else f"drop >= {ph['stop']:g} nats"
         ran = f"{stopped[str(i)]} (stopped)" if str(i) in stopped else f"{ph['steps']}"
         rows.append(f"| {i} | {ran} of {ph['steps']} | {ph['lr']:g} | {ph['batch']} | {ph['share']:g} | {ph['copies']} | "
-                    f"{ph['prev']:g} | {ph['dropout']:g} | {stop} |")
+                    f"{ph['prev']:g} | {ph.get('pairs', 0):g} | "
+                    + (f"{ph['guide']:g} / {ph['guide_copy']:g}" if ph.get("guide", 0) else "—")
+                    + f" | {ph['dropout']:g} | {stop} |")
     return "\n".join(rows)
 
 
@@ -279,9 +383,10 @@ def pretraining(meta: dict) -> str:
         return (f"* Pre-training: {meta['pretrain_steps']} AdamW steps, batch {meta.get('batch_size', 32)} x "
                 f"{meta['seq_len']} tokens,\n  lr {meta.get('pretrain_lr', 0.002)}, warm-up then cosine decay, "
                 f"dropout {meta['dropout']}.\n")
-    mixed = any(ph["share"] or ph["prev"] for ph in meta["phases"]) or meta.get("repeat_share", 0) > 0 \
-        or meta.get("ft_prev", 0) > 0
-    return ((f"* {MIX_TEXT}\n" if mixed else "")
+    mixed = any(ph["share"] or ph["prev"] or ph.get("pairs", 0) for ph in meta["phases"]) \
+        or meta.get("repeat_share", 0) > 0 or meta.get("ft_prev", 0) > 0 or meta.get("ft_pairs", 0) > 0
+    guided = any(ph.get("guide", 0) for ph in meta["phases"])
+    return ((f"* {MIX_TEXT}\n" if mixed else "") + (f"* {GUIDE_TEXT}\n" if guided else "")
             + "* Pre-training from scratch in phases, each a fresh AdamW (warm-up 50 steps, cosine decay to 10%) on\n"
             f"  windows of {meta['seq_len']} tokens; a phase with a stop ends once the repeat-NLL drop of 8 random\n"
             f"  40-token spans (a probe every {meta['probe_every']} steps) reaches it:\n\n"
@@ -304,8 +409,9 @@ def card(name: str, meta: dict, table: list[tuple[str, float, float]], ind: dict
                      f"It has no induction head (repeat-NLL drop {r.nll_drop:.2f} nats, best induction score "
                      f"{r.best_induction[1]:.2f}), see below.")
     ft_mix = (f", on the mix with repeat share {meta['repeat_share']:g}, previous-token share "
-              f"{meta.get('ft_prev', 0):g}, at most {meta.get('ft_copies', 2)} copies"
-              if meta.get("repeat_share", 0) > 0 or meta.get("ft_prev", 0) > 0 else "")
+              f"{meta.get('ft_prev', 0):g}, at most {meta.get('ft_copies', 2)} copies, pairs share "
+              f"{meta.get('ft_pairs', 0):g}, no guidance"
+              if meta.get("repeat_share", 0) > 0 or meta.get("ft_prev", 0) > 0 or meta.get("ft_pairs", 0) > 0 else "")
     what = {
         "tiny-shakespeare": "trained from scratch with LayerNorm (the original).",
         "tiny-shakespeare-vanilla": "`tiny-shakespeare` fine-tuned further with LayerNorm kept, for as many steps "
@@ -415,11 +521,13 @@ def measure_and_write_cards(args, dirs: dict, meta: dict, t0: float) -> None:
 # (see the module docstring: it reaches a 2.9-nat repeat-NLL drop at step 1,500 without an induction head).
 RECIPES = {
     "shipped": ("steps=1000,lr=2e-3,batch=32,dropout=0.1,threads=1", ""),
-    "induction": ("steps=4000,lr=2e-3,batch=16,share=0.33,prev=0.33,copies=4,threads=1",
-                  "share=0.33,prev=0.33,copies=4"),
+    "induction": ("steps=2500,lr=5e-3,batch=32,pairs=0.5,guide=2,guide_copy=0.5,stop=3,threads=1;"
+                  "steps=2000,lr=2e-3,batch=32,pairs=0.4,dropout=0.1,threads=1",
+                  "pairs=0.3"),
 }
 PHASE_DEFAULTS = {"steps": 0, "threads": 2, "lr": 2e-3, "batch": 32, "share": 0.0, "prev": 0.0, "copies": 2, "dropout": 0.0,
-                  "stop": float("inf"), "perm": 1, "rand": -1.0, "rvocab": 0}
+                  "stop": float("inf"), "perm": 1, "rand": -1.0, "rvocab": 0, "pairs": 0.0, "guide": 0.0,
+                  "guide_copy": 0.0}
 
 
 def parse_phases(spec: str) -> list[dict]:
@@ -516,10 +624,12 @@ def main() -> None:
         probe.stop_at = None if ph["stop"] == float("inf") else ph["stop"]
         torch.set_num_threads(ph["threads"])  # 1 thread: the float summation order of the issue-9 trial
         try:
+            guide = Guide(base, ph["guide"], ph["guide_copy"]) if ph["guide"] > 0 else contextlib.nullcontext()
             with repeat_mix(ph["share"], len(tok), ph["copies"], ph["prev"], bool(ph["perm"]),
-                            None if ph["rand"] < 0 else ph["rand"], ph["rvocab"]):
+                            None if ph["rand"] < 0 else ph["rand"], ph["rvocab"], ph["pairs"]), guide as g:
                 train_lm(base, train_ids, steps=ph["steps"], lr=ph["lr"], batch_size=ph["batch"], seq_len=seq_len,
-                         warmup=50, seed=args.seed + i, desc=f"pre-training phase {i}", on_step=probe)
+                         warmup=50, seed=args.seed + i, desc=f"pre-training phase {i}", on_step=probe,
+                         aux_loss=g.loss if g is not None else None)
         except InductionFormed as e:
             stopped[str(i)] = e.args[0]
             base.eval()
@@ -545,7 +655,7 @@ def main() -> None:
                 seed=args.seed, pretrain_steps=pretrain_steps, phases=phases, stopped=stopped,
                 probe_every=args.probe_every, seq_len=seq_len, ft_batch=args.ft_batch, dropout=dropout,
                 ft_steps=ft_steps, ft_lr=ft_lr, repeat_share=ft_mix["share"], ft_prev=ft_mix["prev"],
-                ft_copies=ft_mix["copies"], train_minutes=(time.time() - t0) / 60,
+                ft_copies=ft_mix["copies"], ft_pairs=ft_mix["pairs"], train_minutes=(time.time() - t0) / 60,
                 schedule=f"every {args.gap} steps from step {args.gap}, {args.tail} steps after ln_f")
     for name in NAMES:  # so that --cards-only can finish the job if measuring fails
         (dirs[name] / "lnfree_meta.json").write_text(json.dumps({"build": meta}, indent=2) + "\n")
