@@ -521,8 +521,8 @@ def measure_and_write_cards(args, dirs: dict, meta: dict, t0: float) -> None:
 # (see the module docstring: it reaches a 2.9-nat repeat-NLL drop at step 1,500 without an induction head).
 RECIPES = {
     "shipped": ("steps=1000,lr=2e-3,batch=32,dropout=0.1,threads=1", ""),
-    "induction": ("steps=2500,lr=5e-3,batch=32,pairs=0.5,guide=2,guide_copy=0.5,stop=3,threads=1;"
-                  "steps=2000,lr=2e-3,batch=32,pairs=0.4,dropout=0.1,threads=1",
+    "induction": ("steps=1200,lr=5e-3,batch=32,pairs=0.5,guide=2,guide_copy=1,stop=3,threads=1;"
+                  "steps=1500,lr=2e-3,batch=32,pairs=0.4,dropout=0.1,threads=1",
                   "pairs=0.3"),
 }
 PHASE_DEFAULTS = {"steps": 0, "threads": 2, "lr": 2e-3, "batch": 32, "share": 0.0, "prev": 0.0, "copies": 2, "dropout": 0.0,

@@ -86,10 +86,11 @@ class Mutator(ast.NodeTransformer):
         self.skip_lines, self.target = skip_lines, target
         self.sites: list[tuple[int, str, str, str]] = []  # (line, op, original, mutated)
         self._frozen = 0
+        self._line: int | None = None  # a function's defaults count as its first statement's line
 
     def _site(self, node: ast.AST, op: str, make) -> ast.AST:
-        line = getattr(node, "lineno", 0)
-        if self._frozen or line in self.skip_lines:
+        line = self._line or getattr(node, "lineno", 0)
+        if self._frozen or getattr(node, "lineno", 0) in self.skip_lines:
             return node
         index = len(self.sites)
         new = make()
@@ -121,7 +122,15 @@ class Mutator(ast.NodeTransformer):
     def visit_FunctionDef(self, node):
         node.returns = node.returns  # not visited
         node.body = [self.visit(n) for n in node.body]
-        node.args = self.visit(node.args)
+        # defaults are evaluated at import, which the trace does not attribute to tests: a mutated default
+        # is covered by the tests that run the function's body
+        first = next((n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))),
+                     None)
+        self._line = getattr(first, "lineno", None)
+        try:
+            node.args = self.visit(node.args)
+        finally:
+            self._line = None
         node.decorator_list = [self.visit(d) for d in node.decorator_list]
         return node
 

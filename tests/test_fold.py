@@ -159,8 +159,12 @@ def test_chunked_fold_equals_unchunked_and_the_hand_formula(models):
     """Issue 13: the streaming fold works a block of columns at a time. Blocks of 7 columns (the
     vocabulary of 330 and every reader split into many blocks, with a ragged last block) give the
     float64 result of a single block, and both equal the formula written out in one piece."""
+    import warnings
+
     model = models["schaeff"]
-    small, lns = _fold(model, dtype=torch.float64, chunk=7)
+    with warnings.catch_warnings():  # e.g. torch resizing a mis-shaped out= buffer: the blocks must fit exactly
+        warnings.simplefilter("error")
+        small, lns = _fold(model, dtype=torch.float64, chunk=7)
     whole, _ = _fold(model, dtype=torch.float64, chunk=10**9)
     default, _ = _fold(model, dtype=torch.float64)
     assert set(small) == set(whole) == set(default)
@@ -190,3 +194,58 @@ def test_query_scale_is_folded_into_w_q_only(models):
             assert torch.equal(scaled[k][..., :d], plain[k][..., :d] * q)
             assert torch.equal(scaled[k][..., d:], plain[k][..., d:])
     assert all(torch.equal(scaled[k], plain[k]) for k in plain if "c_attn" not in k)
+
+
+def test_center_unembed_subtracts_the_vocabulary_mean_and_defaults_keep_writers(models):
+    """center_unembed: W_U and b_U lose their mean over the vocabulary (TL's convention; logits shift by a
+    per-position constant); by default (no centring options) every writer passes through unchanged."""
+    model = models["schaeff"]
+    plain, _ = _fold(model, dtype=torch.float64)
+    centred, _ = _fold(model, dtype=torch.float64, center_unembed=True)
+    W, b = plain["lm_head.weight"], plain["lm_head.bias"]  # [d_vocab, d_model], [d_vocab]
+    assert (centred["lm_head.weight"] - (W - W.mean(0, keepdim=True))).abs().max() <= 1e-15 * W.abs().max()
+    assert (centred["lm_head.bias"] - (b - b.mean())).abs().max() <= 1e-15 * b.abs().max()
+    assert b.mean().abs() > 1e-6  # the test can fail: the bias has a mean to remove
+    x = torch.randn(3, model.config.n_embd, dtype=torch.float64)
+    shift = (x @ centred["lm_head.weight"].T + centred["lm_head.bias"]) - (x @ W.T + b)
+    assert (shift - shift[:, :1]).abs().max() <= 1e-12  # one constant per position
+    sd = model.state_dict()
+    for key in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_proj.weight"):
+        assert torch.equal(plain[key], sd[key].double())
+
+
+def test_query_scale_on_an_already_folded_state_dict():
+    """lns=None (identity LNs, nothing to fold): q_scale still scales the query columns (weight and bias)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=8))
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    for k in sd:
+        if k.endswith("c_attn.bias"):
+            sd[k] = torch.randn_like(sd[k])
+    out = fold_state_dict(sd, 2, None, dtype=torch.float64, q_scale=[0.5, 3.0])
+    for layer, q in ((0, 0.5), (1, 3.0)):
+        for p in ("weight", "bias"):
+            k = f"transformer.h.{layer}.attn.c_attn.{p}"
+            assert torch.equal(out[k][..., :16], sd[k][..., :16] * q)
+            assert torch.equal(out[k][..., 16:], sd[k][..., 16:])
+
+
+def test_hacked_layernorm_with_negative_gains_is_recognised(models):
+    """Classification uses median |w|: a hacked LN whose gains are mostly negative is still hacked."""
+    model = models["schaeff"]
+    sd = dict(model.state_dict())
+    sd["transformer.ln_f.weight"] = -sd["transformer.ln_f.weight"].abs()
+    lns = classify_layernorms(sd, model.config.n_layer, _eps(model))
+    assert next(ln for ln in lns if ln.name == "transformer.ln_f").hacked
+
+
+def test_float64_to_float32_overflow_is_refused(models):
+    """A float64 state dict whose folded values exceed float32's range is refused, not cast to inf."""
+    model = models["schaeff"]
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"] * 1e300
+    lns = classify_layernorms(sd, model.config.n_layer, _eps(model))
+    with pytest.raises(LNFreeError, match="overflows in torch.float32"):
+        fold_state_dict(sd, model.config.n_layer, lns, dtype=torch.float32)
