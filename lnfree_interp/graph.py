@@ -135,7 +135,8 @@ def reader_grads(backend: Backend, acts: dict[str, Tensor], grads: dict[str, Ten
     W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]]).transpose(1, 2)  # [3H, d_head, d]
     qkv = torch.bmm(g_qkv, W).view(3 * H, B, P, -1)  # d/d(normalised input)
     g = grads[p + "mlp.hook_pre"] @ w.W_in[layer].T
-    return [norms.ln1[layer].vjp(acts[p + "hook_resid_pre"], qkv), norms.ln2[layer].vjp(acts[p + "hook_resid_mid"], g)[None]]
+    return [norms.ln1[layer].vjp(acts[p + "hook_resid_pre"], qkv),
+            norms.ln2[layer].vjp(acts[p + "hook_resid_mid"], g)[None]]
 
 
 # --------------------------------------------------------------------------------------------
