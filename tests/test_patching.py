@@ -215,3 +215,27 @@ def test_float16_gradient_overflow_is_reported(models):
     clean, corrupted = _pair(models["schaeff"].config.vocab_size)
     with pytest.raises(LNFreeError, match="Non-finite gradients"):
         L.attribution_patching(model, clean, corrupted, lambda logits: (logits[:, -1].float() * 50).exp().sum(-1))
+
+
+def test_position_boundaries_and_label_mismatch(models):
+    """positions=[-seq] is the first position (the same patch as [0]); [seq] is refused. compare_attribution
+    refuses results whose node labels differ even when their shapes agree."""
+    import dataclasses
+
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    model = load("hf", models["schaeff"], dtype=torch.float64)
+    metric = logit_diff(ANSWER, WRONG)
+    seq = clean.shape[1]
+    kw = {"nodes": "mlp_out", "per_position": True, "progress": False}
+    first = L.activation_patching(model, clean, corrupted, metric, positions=[-seq], **kw)
+    zero = L.activation_patching(model, clean, corrupted, metric, positions=[0], **kw)
+    assert first.positions == zero.positions == [0] and torch.equal(first.values, zero.values)
+    with pytest.raises(LNFreeError, match="must be non-empty and lie in"):
+        L.activation_patching(model, clean, corrupted, metric, positions=[seq], **kw)
+    atp = L.attribution_patching(model, clean, corrupted, metric, nodes="mlp_out")
+    act = L.activation_patching(model, clean, corrupted, metric, **kw)
+    L.compare_attribution(atp, act)  # the pair itself is accepted
+    renamed = dataclasses.replace(act, labels=list(reversed(act.labels)))
+    assert renamed.values.shape == atp.values.shape and renamed.labels != atp.labels
+    with pytest.raises(LNFreeError, match="different nodes or shapes"):
+        L.compare_attribution(atp, renamed)
