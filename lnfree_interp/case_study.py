@@ -65,6 +65,16 @@ class RepeatLogitDiff:
         bad = at.gather(2, self.wrongs.to(logits.device)[..., None])[..., 0]
         return (good - bad).mean(1)
 
+    def take(self, start: int, stop: int, n: int) -> RepeatLogitDiff:
+        """This metric for prompts ``start:stop`` of ``n`` (``batch_size=`` streaming cuts it alongside the prompts).
+
+        Raises:
+            LNFreeError: it was built for another number of prompts than ``n``.
+        """
+        if n != self.answers.shape[0]:
+            raise LNFreeError(f"RepeatLogitDiff was built for {self.answers.shape[0]} prompts, got {n}.")
+        return RepeatLogitDiff(self.positions, self.answers[start:stop], self.wrongs[start:stop])
+
     def __repr__(self) -> str:
         return f"RepeatLogitDiff({len(self.positions)} positions)"
 

@@ -70,6 +70,16 @@ def test_metric_refuses_another_batch(free64):
         metric(torch.zeros(3, 9, free64.cfg.d_vocab))
 
 
+def test_metric_streams_with_batch_size(free64):
+    """Found by a new user: the case study's metric is cut per batch, so batch_size= gives the one-batch numbers."""
+    clean, corrupted, metric = induction_pairs(free64, n_prompts=4, seq_len=4)
+    whole = L.edge_attribution(free64, clean, corrupted, metric)
+    streamed = L.edge_attribution(free64, clean, corrupted, metric, batch_size=3, progress=False)
+    assert (streamed.values - whole.values).abs().max() <= 1e-12 * whole.values.abs().max()
+    with pytest.raises(LNFreeError, match="built for 4 prompts, got 5"):
+        metric.take(0, 2, 5)
+
+
 def test_eap_into_logits_is_exact_lnfree_only(studies):
     table = case_study_table(studies)
     row = table[(table.model == "lnfree") & (table.method == "eap") & (table.reader_kind == "logits")].iloc[0]
