@@ -152,14 +152,13 @@ def edge_attribution(
         # views of prompt-major tensors: no copy)
         for layer in [*range(L), None]:
             parts = reader_grads(backend, runs[0].acts, runs[0].grads, layer)  # [r, B, P, d] blocks
-            for run in runs[1:]:  # EAP-IG on an LN baseline: the mean over the steps
-                for part, more in zip(parts, reader_grads(backend, run.acts, run.grads, layer)):
-                    part += more
+            if len(runs) > 1:  # EAP-IG on an LN baseline: the mean over the steps (out of place: views of grads)
+                for run in runs[1:]:
+                    parts = [p + q for p, q in zip(parts, reader_grads(backend, run.acts, run.grads, layer))]
+                parts = [p / len(runs) for p in parts]
             start = R - 1 if layer is None else graph.reader_slice(layer)[0]
             n = W if layer is None else graph.writers_before(layer, mlp=True)  # only writers that can feed them
             for g in parts:
-                if len(runs) > 1:
-                    g /= len(runs)
                 stop = start + g.shape[0]
                 if per_position:
                     dense[:n, start:stop] = torch.einsum("bwpd,rbpd->wrpb", delta[:, :n], g)
