@@ -65,12 +65,12 @@ class _Request:
 
     @classmethod
     def build(cls, model: Any, inputs: Any, answer: Any, wrong: Any, *, pos: Any, attention_mask: Any, by: str,
-              layers: Any, top_k: Any, value_bias: str = "head") -> _Request:
-        backend = get_backend(model)
+              layers: Any, top_k: Any, value_bias: str = "head", arg: str = "by") -> _Request:
+        backend = get_backend(model)  # arg: the caller's name for ``by`` (direct_effect's is ``components``)
         if by not in ("head", "layer", "neuron"):
-            raise LNFreeError(f"by={by!r}: use 'head', 'layer' or 'neuron'.")
+            raise LNFreeError(f"{arg}={by!r}: use 'head', 'layer' or 'neuron'.")
         if by != "neuron" and (top_k is not None or layers is not None):
-            raise LNFreeError(f"top_k and layers select MLP neurons, so they need by='neuron' (got by={by!r}); "
+            raise LNFreeError(f"top_k and layers select MLP neurons, so they need {arg}='neuron' (got {arg}={by!r}); "
                               "for the largest components of any result use result.top(k).")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
             raise LNFreeError(f"top_k={top_k!r} must be an integer >= 1.")
@@ -317,7 +317,7 @@ def direct_effect(
             {"input_ids": p["corrupted"][0], "attention_mask": p["corrupted"][1]}, pos=p["pos"],
             attention_mask=p["inputs"][1], layers=layers, value_bias=value_bias), parts, progress, "direct effect")
     req = _Request.build(model, inputs, answer, wrong, pos=pos, attention_mask=attention_mask, by=components,
-                         layers=layers, top_k=top_k, value_bias=value_bias)
+                         layers=layers, top_k=top_k, value_bias=value_bias, arg="components")
     comp, cap, values = _direct_effect_values(req, ablation)
     kind = ablation if isinstance(ablation, str) else "corrupted"
     return req.result(comp, cap, values, kind="direct_effect", exact=True,

@@ -228,11 +228,14 @@ def pair_inputs(backend: Any, clean: Any, corrupted: Any, attention_mask: Tensor
     """Clean and corrupted prompts as ``(tokens, mask, c_tokens, c_mask)``, each ``[batch, pos]``.
 
     Raises:
-        LNFreeError: different shapes, or a prompt pair whose token lengths / padding differ
+        LNFreeError: different numbers of prompts or shapes, or a prompt pair whose token lengths / padding differ
             (patching swaps activations position by position).
     """
     tokens, mask = prepare(backend, clean, attention_mask)
     c_tokens, c_mask = prepare(backend, corrupted, corrupted_attention_mask)
+    if tokens.shape[0] != c_tokens.shape[0]:
+        raise LNFreeError(f"{tokens.shape[0]} clean prompt(s) but {c_tokens.shape[0]} corrupted: pass one corrupted "
+                          "prompt per clean prompt.")
     if tokens.shape != c_tokens.shape:
         raise LNFreeError(f"clean and corrupted inputs have different shapes {tuple(tokens.shape)} vs "
                           f"{tuple(c_tokens.shape)}: patching needs prompt pairs of equal token length.")

@@ -120,4 +120,18 @@ def bind_metric(metric: Any, backend: Any, mask: Tensor) -> Metric:
         return metric.bind(backend, mask)
     if not callable(metric):
         raise LNFreeError(f"metric must be callable on logits [batch, pos, vocab], got {type(metric).__name__}.")
-    return metric
+
+    def plain(logits: Tensor) -> Tensor:
+        try:
+            return metric(logits)
+        except (IndexError, RuntimeError) as e:  # a shape mismatch inside the user's callable
+            if not any(w in str(e) for w in ("size", "shape", "index", "dimension")):
+                raise
+            raise LNFreeError(
+                f"The metric failed on logits of shape {tuple(logits.shape)} ({type(e).__name__}: {e}). If it holds "
+                "per-prompt tensors (answer ids, positions) for all prompts while the prompts run in batches "
+                "(batch_size=, a DataLoader), each call sees only its batch: use logit_diff(answer, wrong) with "
+                "per-prompt ids (cut alongside the prompts) or give the callable a take(start, stop, n) method."
+            ) from e
+
+    return plain

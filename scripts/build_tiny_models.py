@@ -203,8 +203,9 @@ class Guide:
     switches the model to eager attention (which returns the attention pattern) while it lasts.
     """
 
-    def __init__(self, model, attention: float, copy: float, heads: int = 1):
+    def __init__(self, model, attention: float, copy: float, heads: int = 1, prev_copy: float = 0.0):
         self.model, self.attention, self.copy, self.heads = model, attention, copy, heads
+        self.prev_copy = prev_copy  # L0H0's copy weight (it trained L0H0 to predict the previous token everywhere)
         self.captured: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> Guide:
@@ -236,9 +237,11 @@ class Guide:
         p0 = self.captured["pattern0"][:, 0]  # [B, query, key]
         q = torch.arange(1, x.shape[1])
         loss = -(p0[:, q, q - 1] + 1e-6).log().mean() * self.attention
-        if self.copy:
-            logits0 = self.head_logits(0, 0, self.captured["z0"][:, 1:, :d_head])
-            loss = loss + self.copy * torch.nn.functional.cross_entropy(logits0.flatten(0, 1), x[:, :-1].flatten())
+        rows = (targets >= 0).any(dim=1)  # the pair windows
+        if self.prev_copy and bool(rows.any()):  # on pair windows only: text keeps its own unembedding
+            logits0 = self.head_logits(0, 0, self.captured["z0"][rows, 1:, :d_head])
+            loss = loss + self.prev_copy * torch.nn.functional.cross_entropy(logits0.flatten(0, 1),
+                                                                             x[rows, :-1].flatten())
         b, qi = (targets >= 0).nonzero(as_tuple=True)
         for h in range(self.heads) if len(b) else ():  # induction heads L1H0 .. L1H{heads-1}
             p1 = self.captured["pattern1"][:, h]
@@ -543,14 +546,16 @@ def measure_and_write_cards(args, dirs: dict, meta: dict, t0: float) -> None:
 # steps, lr 2e-3, 30% pairs, no dropout) took CE to 4.81 with the circuit intact (drop 3.57, L1H0 0.979). Next:
 # copy term on the induction heads only, and a longer plain phase without dropout before the fine-tunes.
 RECIPES = {
-    "shipped": ("steps=1000,lr=2e-3,batch=32,dropout=0.1,threads=1", "", 0.1),
-    "induction": ("steps=1200,lr=5e-3,batch=32,pairs=0.5,guide=2,guide_copy=1,stop=3,threads=1;"
-                  "steps=1500,lr=1e-3,batch=32,pairs=0.4,guide=1,guide_copy=1,threads=1,seed=0",
-                  "pairs=0.3", 0.0),
+    "shipped": ("steps=1000,lr=2e-3,batch=32,dropout=0.1,threads=1", "", 0.1, 0.1),
+    "induction": ("steps=1200,lr=5e-3,batch=32,pairs=0.5,guide=2,guide_copy=1,stop=3,dropout=0.1,attn_drop=0,threads=1;"
+                  "steps=1500,lr=1e-3,batch=32,pairs=0.4,guide=1,guide_copy=1,dropout=0.1,attn_drop=0,threads=1,seed=0;"
+                  "steps=800,lr=1e-3,batch=32,pairs=0.3,dropout=0.1,attn_drop=0,threads=1",
+                  "pairs=0.3", 0.1, 0.0),
 }
 PHASE_DEFAULTS = {"steps": 0, "threads": 2, "lr": 2e-3, "batch": 32, "share": 0.0, "prev": 0.0, "copies": 2, "dropout": 0.0,
                   "stop": float("inf"), "perm": 1, "rand": -1.0, "rvocab": 0, "pairs": 0.0, "guide": 0.0,
-                  "guide_copy": 0.0, "seed": -1, "heads": 1}
+                  "guide_copy": 0.0, "seed": -1, "heads": 1, "prev_copy": 0.0,
+                  "attn_drop": -1.0}
 
 
 def parse_phases(spec: str) -> list[dict]:
@@ -594,6 +599,8 @@ def main() -> None:
     parser.add_argument("--ft-dropout", type=float, default=None,
                         help="dropout of the two fine-tunes (the model config's); default: the recipe's (shipped 0.1, "
                              "induction 0: with dropout the induction circuit's copying collapses within 50 steps)")
+    parser.add_argument("--ft-attn-dropout", type=float, default=None,
+                        help="attention-pattern dropout of the two fine-tunes; default: the recipe's")
     parser.add_argument("--keep-phases", action="store_true",
                         help="save the model after each pre-training phase to OUT/after-phase-I")
     parser.add_argument("--init", type=Path, default=None,
@@ -601,8 +608,9 @@ def main() -> None:
                              "the tokenizer is rebuilt identically) instead of a fresh initialisation")
     parser.add_argument("--probe-every", type=int, default=50, help="print the repeat-NLL drop every N steps")
     args = parser.parse_args()
-    recipe_phases, recipe_mix, recipe_dropout = RECIPES[args.recipe]
+    recipe_phases, recipe_mix, recipe_dropout, recipe_attn_dropout = RECIPES[args.recipe]
     args.ft_dropout = recipe_dropout if args.ft_dropout is None else args.ft_dropout
+    args.ft_attn_dropout = recipe_attn_dropout if args.ft_attn_dropout is None else args.ft_attn_dropout
     args.phases = recipe_phases if args.phases is None else args.phases
     args.ft_mix = recipe_mix if args.ft_mix is None else args.ft_mix
     ft_mix = parse_phases(args.ft_mix)[0] if args.ft_mix else dict(PHASE_DEFAULTS)
@@ -636,7 +644,7 @@ def main() -> None:
 
     seq_len, dropout = 128, args.ft_dropout
     config = GPT2Config(vocab_size=len(tok), n_positions=seq_len, n_embd=128, n_layer=4, n_head=4,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=args.ft_attn_dropout,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     ft_lr = 6e-4
     schedule = RemovalSchedule(start=args.gap, gap_ln2=args.gap, gap_ln1=args.gap, gap_lnf=args.gap,
@@ -650,13 +658,14 @@ def main() -> None:
         earlier = json.loads((args.init / "phases.json").read_text())
     n0 = len(earlier["phases"])
     for i, ph in enumerate(phases):
-        for module in base.modules():  # this phase's dropout (the fine-tunes use the config's again)
+        for mname, module in base.named_modules():  # this phase's dropout (the fine-tunes use the config's again)
             if isinstance(module, torch.nn.Dropout):
-                module.p = ph["dropout"]
+                attn = mname.endswith("attn_dropout") and ph["attn_drop"] >= 0
+                module.p = ph["attn_drop"] if attn else ph["dropout"]
         probe.stop_at = None if ph["stop"] == float("inf") else ph["stop"]
         torch.set_num_threads(ph["threads"])  # 1 thread: the float summation order of the issue-9 trial
         try:
-            guide = (Guide(base, ph["guide"], ph["guide_copy"], ph["heads"]) if ph["guide"] > 0
+            guide = (Guide(base, ph["guide"], ph["guide_copy"], ph["heads"], ph["prev_copy"]) if ph["guide"] > 0
                      else contextlib.nullcontext())
             with repeat_mix(ph["share"], len(tok), ph["copies"], ph["prev"], bool(ph["perm"]),
                             None if ph["rand"] < 0 else ph["rand"], ph["rvocab"], ph["pairs"]), guide as g:

@@ -247,6 +247,8 @@ def test_bad_input(loader, models, tokenizer):
         L.direct_logit_attribution(model, [], " Mary")
     with pytest.raises(LNFreeError, match="by="):
         L.direct_logit_attribution(model, text, " Mary", by="heads")
+    with pytest.raises(LNFreeError, match="components='neurons'"):  # direct_effect names its own argument
+        L.direct_effect(model, text, " Mary", components="neurons")
     for bad in (None, 5.7, torch.tensor([[5]]), torch.tensor([5.0])):
         with pytest.raises(LNFreeError, match="token id"):
             L.direct_logit_attribution(model, text, bad)

@@ -193,6 +193,8 @@ def test_bad_input(models, tokenizer):
     clean, corrupted = _pair(models["schaeff"].config.vocab_size)
     with pytest.raises(LNFreeError, match="different shapes"):
         L.attribution_patching(model, clean, corrupted[:, :10], logit_diff(ANSWER, WRONG))
+    with pytest.raises(LNFreeError, match="2 clean prompt.s. but 1 corrupted"):  # counts, not token lengths
+        L.attribution_patching(model, [short, short], [short], logit_diff(" Mary", " John"))
     with pytest.raises(LNFreeError, match="one scalar per prompt"):
         L.attribution_patching(model, clean, corrupted, lambda logits: logits[:, -1, :5])
     with pytest.raises(LNFreeError, match="no gradient"):

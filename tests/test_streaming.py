@@ -82,6 +82,15 @@ def test_bad_streams(models):
         L.direct_effect(model, clean, 5, 9, ablation="mean", batch_size=2)
     with pytest.raises(LNFreeError, match="corrupted"):
         L.attribution_patching(model, clean, corrupted[:5], logit_diff(5, 9), batch_size=2, progress=False)
+    ids = torch.tensor(answer)
+
+    def closure(logits):  # per-prompt ids for all 7 prompts: each batch of 2 sees only its own logits
+        return logits[torch.arange(len(ids)), -1, ids] - logits[:, -1, 9]
+    for fn in (L.attribution_patching, L.edge_attribution):
+        with pytest.raises(LNFreeError, match="per-prompt tensors") as err:
+            fn(model, clean, corrupted, closure, batch_size=2, progress=False)
+        assert isinstance(err.value.__cause__, IndexError)  # the user's own error stays attached
+    assert L.attribution_patching(model, clean, corrupted, closure).values.shape[-1] == 7  # one batch: fine
 
 
 def test_streams_found_wrong_by_a_new_user():
