@@ -98,9 +98,15 @@ def _tokens(backend: Any, x: Any, mask: Any) -> tuple[Tensor, Tensor]:
     return prepare(backend, _as_list(x), mask)
 
 
-def _batch_keys(item: Any, keys: bool) -> dict[str, Any]:
-    """A DataLoader batch's ``answer`` / ``wrong`` / ``pos`` keys; refused when the caller does not read them."""
+def _batch_keys(item: Any, keys: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """A DataLoader batch's ``answer`` / ``wrong`` / ``pos`` keys; refused when the caller does not read them,
+    or when the call also gives them as arguments (``given``: which would win is a guess)."""
     extra = {k: item[k] for k in ("answer", "wrong", "pos") if isinstance(item, dict) and k in item}
+    clash = [k for k in extra if given.get(k) is not None and not (k == "pos" and given[k] == -1)]
+    if clash:
+        raise LNFreeError(f"The DataLoader's batches carry {clash} and the call gives "
+                          f"{', '.join(f'{k}={given[k]!r}' for k in clash)} too: pass {clash[0]}=None to use the "
+                          "batches' values, or drop the key from the batches.")
     if extra and not keys:
         raise LNFreeError(f"The DataLoader's batches carry {sorted(extra)}, which this function does not read (its "
                           "metric is fixed): build the metric with per-prompt tokens instead, e.g. "
@@ -137,7 +143,7 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
             if item is None or c_item is None:
                 raise LNFreeError(f"The clean and corrupted DataLoaders have different numbers of batches (they part "
                                   f"at batch {n}); give them the same dataset length and batch size.")
-            extra = _batch_keys(item, keys)
+            extra = _batch_keys(item, keys, per_prompt)
             clean_part, corr_part = _tokens(backend, item, None), _tokens(backend, c_item, None)
             if clean_part[0].shape[0] != corr_part[0].shape[0]:
                 raise LNFreeError(f"Batch {n}: {clean_part[0].shape[0]} clean prompts but {corr_part[0].shape[0]} "
@@ -146,7 +152,7 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
         return
     if is_loader(inputs):
         for item in inputs:
-            extra = _batch_keys(item, keys)
+            extra = _batch_keys(item, keys, per_prompt)
             if isinstance(item, dict):
                 if "clean" in item:
                     item = (item["clean"], item["corrupted"])
@@ -175,7 +181,8 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
     c = None if corrupted is None else _tokens(backend, corrupted, c_mask)
     n = tokens.shape[0]
     if c is not None and c[0].shape[0] != n:
-        raise LNFreeError(f"{n} clean prompts but {c[0].shape[0]} corrupted ones.")
+        raise LNFreeError(f"{n} clean prompt(s) but {c[0].shape[0]} corrupted: pass one corrupted prompt per clean "
+                          "prompt.")
     step = batch_size or n
     for start in range(0, n, step):
         stop = min(n, start + step)

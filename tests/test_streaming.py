@@ -57,6 +57,8 @@ def test_dataloaders_and_string_lists(models, tokenizer):
     loader = DataLoader([{"input_ids": c, "answer": a} for c, a in zip(clean, answer)], batch_size=4)
     dla = L.direct_logit_attribution(model, loader, None, 9, progress=False)
     assert (dla.values - L.direct_logit_attribution(model, clean, answer, 9).values).abs().max() <= 1e-10
+    with pytest.raises(LNFreeError, match="carry .'answer'. and the call gives answer=7"):  # was silently dropped
+        L.direct_logit_attribution(model, loader, 7, 9, progress=False)
     texts = ["When Mary and John went to the store", "ROMEO: I will go.", "The king is dead", "JULIET: I am"]
     ref = L.direct_logit_attribution(model, texts, 5, 9)  # one padded batch
     got = L.direct_logit_attribution(model, texts, 5, 9, batch_size=3, progress=False)
