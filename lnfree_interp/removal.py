@@ -156,7 +156,9 @@ def train_lm(
     """Train a causal LM in place with AdamW, linear warm-up then cosine decay to 10% (seeded).
 
     ``on_step(step)`` runs before each optimizer step (the removal schedule hooks in here);
-    ``aux_loss()``, if given, is added to the cross-entropy after each forward pass.
+    ``aux_loss()``, if given, is added to the cross-entropy after each forward pass. The batches come
+    from `batches` (looked up at call time); a batch may also be a pair ``(input_ids, labels)``,
+    with label ``-100`` at the positions the loss skips.
 
     Returns:
         The training loss (nats) of every step.
@@ -183,8 +185,9 @@ def train_lm(
     for step in bar:
         if on_step is not None:
             on_step(step)
-        x = next(data)
-        loss = model(input_ids=x, labels=x).loss
+        batch = next(data)
+        x, labels = batch if isinstance(batch, tuple) else (batch, batch)
+        loss = model(input_ids=x, labels=labels).loss
         total = loss if aux_loss is None else loss + aux_loss()
         opt.zero_grad(set_to_none=True)
         total.backward()

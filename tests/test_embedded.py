@@ -17,7 +17,7 @@ PROMPTS = ["ROMEO:\nI will not", "KING RICHARD III:\nMy lord, I", "JULIET:\nO Ro
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_files(name):
     folder = EMBEDDED_DIR / name
-    assert (folder / "model.safetensors").stat().st_size <= 8 * 2**20
+    assert (folder / "model.safetensors").stat().st_size <= 15 * 10**6  # issue 9: each model <= 15 MB
     for f in ("config.json", "tokenizer.json", "README.md", "lnfree_meta.json"):
         assert (folder / f).exists(), f
     card = (folder / "README.md").read_text()

@@ -155,12 +155,6 @@ def test_bad_model_and_head_label_raise(ckpt_dirs):
 TRIO = ("tiny-shakespeare", "tiny-shakespeare-vanilla", "tiny-shakespeare-lnfree")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 9 open: the shipped trio has no induction head yet (repeat-NLL drop ~0, best "
-                          "induction attention score 0.013). The best recipe so far (--recipe induction of "
-                          "scripts/build_tiny_models.py) gives L0H0 -> L1H0 (induction 0.91) but a repeat-NLL drop of "
-                          "1.68 nats and held-out CE 4.44 before the fine-tunes, short of the bars; this test passes, "
-                          "and must be un-marked, once a rebuilt trio meets every bar and ships")
 def test_trio_headline_figures_recomputed_from_shipped_files():
     """Issue 9's bar, recomputed from the shipped files: held-out CE (vanilla <= 4.0291 + 0.05, the
     previous trio's + 0.05), LN-free gap <= +0.10 nats, repeat NLL >= 3 nats below the first copy and

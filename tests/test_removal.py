@@ -93,3 +93,26 @@ def test_refuses_what_it_could_not_finish():
         remove_layernorm(folded, torch.arange(500) % 120, schedule=RemovalSchedule(start=1, tail=1))
     with pytest.raises(LNFreeError, match="gaps >= 1"):
         RemovalSchedule(gap_ln1=0)  # two LNs on one step: one would be skipped silently
+
+
+def test_train_lm_counts_only_unmasked_labels(monkeypatch):
+    """A batch may be ``(input_ids, labels)``: the recorded loss is the HF cross-entropy over the labels that are
+    not -100 (a hand-written log-softmax at the kept positions), so masked positions never train."""
+    import lnfree_interp.removal as removal
+
+    model = random_gpt2(50).float()
+    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(x, -100)
+    labels[0, 5:9] = x[0, 5:9]
+    monkeypatch.setattr(removal, "batches", lambda *a, **k: iter([(x, labels)] * 3))
+    model.eval()
+    with torch.no_grad():
+        logp = model(input_ids=x).logits.double().log_softmax(-1)
+    expected = -logp[0, 4:8].gather(-1, x[0, 5:9, None]).mean()
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    losses = removal.train_lm(model, _stream(model.config.vocab_size), steps=1, seq_len=12, progress=False)
+    assert losses[0] == pytest.approx(float(expected), rel=1e-5)
+    assert losses[0] != pytest.approx(float(-logp[0, :-1].gather(-1, x[0, 1:, None]).mean()), rel=1e-3)

@@ -54,10 +54,12 @@ def test_residual_norms_against_hf_hidden_states(name):
     _, hidden = _hf_reference(name, tokens)
     frame = residual_norms(model, TEXT, seq_len=40, max_tokens=160, batch_size=3, progress=False)
     assert len(frame) == len(hidden) == 5
+    # the reference runs the schaeff encoding as stored: each "LN" divides by sqrt(var + 1e12), not exactly 1e6,
+    # a relative difference of var / 2e12 per LN (~2e-9 at this model's residual norms, ~1e3): hence rel 2e-8
     for row, h in zip(frame.itertuples(), hidden):
         norms = h.norm(dim=-1)
-        assert row.first == pytest.approx(float(norms[:, 0].mean()), rel=1e-9)
-        assert row.rest == pytest.approx(float(norms[:, 1:].mean()), rel=1e-9)
+        assert row.first == pytest.approx(float(norms[:, 0].mean()), rel=2e-8)
+        assert row.rest == pytest.approx(float(norms[:, 1:].mean()), rel=2e-8)
         assert row.ratio == pytest.approx(row.first / row.rest)
 
 
