@@ -15,16 +15,19 @@ prompts, so that TransformerLens's per-pair ``metric_fn`` can use it too), on th
    * ``edge_attribution(method="eap-ig", steps=5)`` (goal <= 12 x forward);
    * ``evaluate_circuit`` of the top-200 EAP edges, corrupted ablation (goal <= 3 x forward);
    and the extra peak memory of each call (kernel RSS high-water mark minus RSS before the call,
-   see ``_common.py``) against the forward's.
+   see ``_common.py``) against the forward's; and EAP's floor, the passes it cannot skip (one
+   corrupted forward capturing the writers, one clean forward + backward to the embeddings, unembedding
+   at the metric's position only) without the contraction.
 2. TransformerLens 4.3 ``tools.analysis.attribution_patching.attribution_patch(model, clean, corrupt,
    metric_fn, EdgeAttributionConfig(granularity="edge"))`` (TransformerBridge only; it loops over pairs
-   and over (edge, position) in Python, ~90 s a pair at GPT-2-small shape on 2 cores): run once on the
+   and over (edge, position) in Python, 19-90 s a pair at GPT-2-small shape on 2 cores, by load): run once on the
    first ``--tl-pairs`` pairs (default 1), its time scaled linearly to all pairs (it is a loop over
    pairs), against ours on all pairs. Its edge scores, summed over positions and mapped with
    ``lnfree_interp.edge_results.edge_from_tl``, are correlated with our EAP on the same pairs after the
    sign convention (TL: denoising ``(a_clean - a_corrupt) . grad at corrupt``; ours: noising
    ``(a_corrupt - a_clean) . grad at clean``; so ours is compared with -TL; the two agree to first
-   order, exactly where the gradient is constant: edges into ``logits`` on an LN-free model).
+   order, exactly where the gradient is constant: edges into ``logits`` on an LN-free model). Printed
+   beside the ratio: the best ratio EAP's floor would allow against the same TL time.
 
 Usage::
 
@@ -54,7 +57,7 @@ def parse() -> argparse.Namespace:
                         "needs the bridge)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; tiny 3)")
     p.add_argument("--tl-pairs", type=int, default=1,
-                   help="pairs given to TL's attribution_patch (slow: ~90 s a pair at GPT-2-small shape); "
+                   help="pairs given to TL's attribution_patch (slow: 19-90 s a pair at GPT-2-small shape); "
                         "its time is scaled to all pairs; 0 skips it (default 1)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=None, help="tokens per prompt (default 64; tiny 16)")
@@ -122,15 +125,33 @@ def main() -> None:
     def evaluate():
         return L.evaluate_circuit(model, circuit, clean, corrupted, metric)
 
+    # EAP's floor: the passes it cannot skip, one corrupted forward (capturing the writers) and one clean
+    # forward + backward to the embeddings (every activation gradient EAP needs lies on that path), with the
+    # unembedding at the metric's position only, as edge_attribution runs them; no contraction
+    from lnfree_interp.backends import get_backend
+    from lnfree_interp.graph import writer_hooks
+    from lnfree_interp.metrics import bind_metric, readout
+
+    backend = get_backend(model)
+    ones = torch.ones_like(clean)
+    read = readout(bind_metric(metric, backend, ones))
+
+    def floor():
+        with torch.no_grad():
+            backend.run(corrupted, ones, capture=writer_hooks(n_layers), **read)
+        return backend.run(clean, ones, grad_of=["hook_embed"], **read)
+
     # ---------------------------------------------------------------- 1. ours vs a forward
     t0 = time.perf_counter()
-    runs = C.run_alternating({"forward": forward, "eap": eap, "eap_ig": eap_ig, "evaluate": evaluate}, repeats,
+    runs = C.run_alternating({"forward": forward, "floor": floor, "eap": eap, "eap_ig": eap_ig, "evaluate": evaluate},
+                             repeats,
                              sampler_rounds=0, keep={"evaluate"})
     print(f"\nmeasured in {time.perf_counter() - t0:.0f}s", flush=True)
     fwd = runs["forward"]
     rows = []
     goals = {"eap": GOAL_EAP, "eap_ig": GOAL_IG, "evaluate": GOAL_EVAL}
     for name, key in (("plain forward (clean, no grad)", "forward"),
+                      ("EAP's floor: corrupted fwd + clean fwd/bwd", "floor"),
                       (f"edge_attribution eap, {n_edges} edges", "eap"),
                       (f"edge_attribution eap-ig, {args.steps} steps", "eap_ig"),
                       (f"evaluate_circuit, top {len(circuit)} edges", "evaluate")):
@@ -182,7 +203,10 @@ def main() -> None:
              C.fmt_x(C.ratio(runs["eap"].time, fwd.time)), "all pairs, one batched call"]],
             title="--- TransformerLens 4.3 edge attribution vs ours ---"))
         print(f"ours vs TL: {C.fmt_x(speed)} faster (goal >= {GOAL_VS_TL:g}x: "
-              f"{C.verdict(speed, GOAL_VS_TL, smaller_is_better=False)})")
+              f"{C.verdict(speed, GOAL_VS_TL, smaller_is_better=False)}); {GOAL_VS_TL:g}x needs ours <= "
+              f"{t_tl_all / GOAL_VS_TL:.2f} s; EAP's floor (two forwards and a backward, no contraction) is "
+              f"{runs['floor'].time:.2f} s, so at most {C.fmt_x(C.ratio(t_tl_all, runs['floor'].time))} is possible "
+              "against this TL time")
         print(f"scores on the same {tl_pairs} pair(s), TL summed over positions: Pearson(ours, -TL) {pear:.6f} over "
               f"{len(a)} edges ({missing} of ours absent from TL's graph); edges into logits: max |ours + TL| "
               f"{logit_err:.2e} (max |score| {float(a[logit_idx].abs().max()):.2e})", flush=True)

@@ -10,8 +10,8 @@ reader ``r`` with the edge ``w -> r`` patched is ``norm(resid + delta_w)``, ``de
 * `edge_attribution` - EAP (Syed et al. 2023; Hanna et al. 2024):
   ``score(w -> r) = (w_corrupted - w_clean) . d metric / d (input of r)``; the gradient at a head's
   q/k/v input is the ``hook_q/k/v`` gradient times ``W_Q/W_K/W_V`` pulled back through the
-  LayerNorm's vector-Jacobian product (nothing LN-free), at an MLP's input the ``mlp.hook_pre``
-  gradient times ``W_in``, at the logits the final residual's gradient. One corrupted forward plus one
+  LayerNorm's vector-Jacobian product (nothing LN-free), at an MLP's input the ``hook_mlp_in``
+  gradient (pulled back the same way), at the logits the final residual's gradient. One corrupted forward plus one
   clean forward and backward for all edges; ``method="eap-ig"`` averages the gradients over
   ``steps`` inputs interpolated between the corrupted and clean embeddings (EAP-IG-inputs).
 * `edge_patching` - the ground truth: each edge patched alone, many per forward pass.
@@ -36,7 +36,7 @@ from .edge_results import EdgeResult
 from .errors import LNFreeError
 from .graph import Rebuild, graph_of, reader_grads, reader_hooks, writer_hooks, writer_outputs
 from .inputs import pair_inputs, prepare_count
-from .metrics import bind_metric
+from .metrics import bind_metric, readout
 from .nodes import Edge
 from .streaming import is_loader, stream_pairs, wants_stream
 
@@ -111,15 +111,15 @@ def edge_attribution(
                             per_position=per_position)
     graph = graph_of(backend)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
-    f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
+    r_clean, r_corr = readout(bind_metric(metric, backend, mask)), readout(bind_metric(metric, backend, c_mask))
     L = backend.n_layers
     wnames, rnames = writer_hooks(L), reader_hooks(L)
     grad_names = [n for n in rnames if "resid_pre" not in n and "resid_mid" not in n]
     with torch.no_grad():
-        corr = backend.run(c_tokens, c_mask, capture=wnames, metric=f_corr)
+        corr = backend.run(c_tokens, c_mask, capture=wnames, **r_corr)
     # the clean run is EAP's only gradient pass and EAP-IG's last step (alpha = 1: the clean embeddings)
     clean_run = backend.run(tokens, mask, capture=list(dict.fromkeys(wnames + rnames)), grad_of=grad_names,
-                            metric=f_clean)
+                            **r_clean)
     runs = [clean_run]
     if method == "eap-ig":
         e_clean, e_corr = clean_run.acts["hook_embed"], corr.acts["hook_embed"]
@@ -130,7 +130,7 @@ def edge_attribution(
         for k in range(1, steps):
             mix = {"hook_embed": lambda act, a=k / steps: e_corr + a * (e_clean - e_corr)}
             run = backend.run(tokens, mask, hooks=mix, capture=[] if lnfree else rnames, grad_of=grad_names,
-                              metric=f_clean)
+                              **r_clean)
             if lnfree:
                 for name in grad_names:
                     clean_run.grads[name] = clean_run.grads[name] + run.grads[name]
@@ -139,7 +139,7 @@ def edge_attribution(
         if lnfree:
             for name in grad_names:
                 clean_run.grads[name] = clean_run.grads[name] / steps
-    valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.logits.dtype)  # [B, P]
+    valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.acts["hook_embed"].dtype)  # [B, P]
     with torch.no_grad():
         delta = writer_outputs(backend, corr.acts, minus=clean_run.acts)  # [B, W, P, d]
         if not bool(valid_pos.all()):
@@ -245,8 +245,8 @@ def edge_patching(
     B = tokens.shape[0]
     wnames = writer_hooks(backend.n_layers)
     with torch.no_grad():
-        corr = backend.run(c_tokens, c_mask, capture=wnames, metric=f_corr)
-        clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
+        corr = backend.run(c_tokens, c_mask, capture=wnames, **readout(f_corr))
+        clean_run = backend.run(tokens, mask, capture=wnames, **readout(f_clean))
         delta = writer_outputs(backend, corr.acts, minus=clean_run.acts)  # [B, W, P, d]
         m_clean = clean_run.metric
         assert m_clean is not None  # the run was given a metric
@@ -278,10 +278,13 @@ def edge_patching(
                 return out
 
             rebuild = Rebuild(backend, J, extra)
-            logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=rebuild.hooks()).logits
+            out = readout(f_clean, J)
+            f_rows = out["metric"]
+            logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=rebuild.hooks(),
+                                 positions=out.get("positions")).logits
             logits = logits.view(J, B, *logits.shape[1:])
             for j in range(J):
-                effects[start + j] = f_clean(logits[j]) - m_clean
+                effects[start + j] = f_rows(logits[j]) - m_clean
     return EdgeResult(values=effects, edges=list(chosen), metric=m_clean, kind="edge_patching",
                       n_layers=backend.n_layers, n_heads=H,
                       extra={"metric_clean": m_clean, "metric_corrupted": corr.metric, "backend": backend.name,

@@ -15,9 +15,9 @@ from torch import Tensor
 from .backends import Backend, get_backend
 from .edge_results import EdgeResult
 from .errors import LNFreeError
-from .graph import Graph, Rebuild, graph_of, writer_hooks, writer_outputs
+from .graph import Graph, Rebuild, graph_of
 from .inputs import pair_inputs
-from .metrics import bind_metric
+from .metrics import bind_metric, readout
 
 # --------------------------------------------------------------------------------------------
 # Circuit evaluation and faithfulness
@@ -45,27 +45,92 @@ def _circuit_masks(graph: Graph, circuits: Sequence[Any]) -> Tensor:
     return torch.stack(out)
 
 
+class _Ablated:
+    """The writers' ablated outputs, from one run's captures: the embedding, each layer's MLP output, each
+    layer's heads summed (``hook_attn_out - b_O``) and its ``hook_z``; a single head's output ``z @ W_O`` only
+    when asked for (never all ``[B, W, P, d]`` at once). With ``weight`` (``[B, P]``, the real tokens), the
+    mean over prompts and real positions instead (``[1, 1, ...]``, broadcast; linear, so the mean of ``z``
+    projects to the mean of a head's output)."""
+
+    def __init__(self, backend: Backend, acts: dict[str, Tensor], weight: Tensor | None = None):
+        w = backend.weights()
+        self.W_O, self.H = w.W_O, backend.n_heads
+
+        def red(x: Tensor) -> Tensor:
+            if weight is None:
+                return x
+            wt = weight.to(x.dtype).view(*weight.shape, *[1] * (x.dim() - 2))
+            return (x * wt).sum((0, 1), keepdim=True) / wt.sum()
+
+        L = backend.n_layers
+        self.embed = red(acts["hook_embed"] + acts["hook_pos_embed"])
+        self.attn = [red(acts[f"blocks.{i}.hook_attn_out"] - w.b_O[i]) for i in range(L)]
+        self.z = [red(acts[f"blocks.{i}.attn.hook_z"]) for i in range(L)]
+        self.mlp = [red(acts[f"blocks.{i}.hook_mlp_out"]) for i in range(L)]
+
+    @staticmethod
+    def hooks(n_layers: int) -> list[str]:
+        return ["hook_embed", "hook_pos_embed"] + [f"blocks.{i}.{n}" for i in range(n_layers)
+                                                   for n in ("attn.hook_z", "hook_attn_out", "hook_mlp_out")]
+
+    def one(self, i: int) -> Tensor:
+        """Writer ``i``'s output ``[B, P, d]`` (graph order: embed, then per layer its heads and its MLP)."""
+        if i == 0:
+            return self.embed
+        layer, h = divmod(i - 1, self.H + 1)
+        return self.mlp[layer] if h == self.H else self.z[layer][..., h, :] @ self.W_O[layer][h]
+
+    def total(self, ws: list[int]) -> Tensor:
+        """The summed output of ``ws``: one writer, or all heads of one layer."""
+        return self.one(ws[0]) if len(ws) == 1 else self.attn[(ws[0] - 1) // (self.H + 1)]
+
+
 def _evaluate(backend: Backend, graph: Graph, masks: Tensor, tokens: Tensor, mask: Tensor, f_clean,
-              ablated: Tensor) -> Tensor:
-    """Metric ``[J, B]`` with every reader's non-circuit inputs taken from ``ablated`` ``[B, W, P, d]``."""
+              ablated: _Ablated) -> Tensor:
+    """Metric ``[J, B]`` with every reader's non-circuit inputs taken from ``ablated``.
+
+    A reader's extra input (added to the running residual stream) is a sum of terms
+    ``coef [J, readers] x tensor [J, B, P, d]`` (see `Rebuild`): ``cum`` = the sum over the writers so far of
+    ``ablated - running`` (the extra of a reader with no circuit edge) minus its circuit edges' terms, or the
+    sum of its non-circuit edges' terms, whichever touches fewer writers (sparse circuits: a few; near-full
+    circuits: a few). ``cum`` is updated a layer at a time from ``hook_attn_out`` (the sum of the heads); a
+    head's own output is computed only when one of its edges is among those terms.
+    """
     J = masks.shape[0]
     B = tokens.shape[0]
     H, L = backend.n_heads, backend.n_layers
-    W_O = backend.weights().W_O
-    off = (~masks & graph.valid).to(ablated.dtype)  # [J, W, R]: edges that get the ablated value
-    running: list[Tensor] = []  # writer outputs of this pass, in order, each [J, B, P, d]
+    w = backend.weights()
+    W_O, b_O = w.W_O, w.b_O
+    off = (~masks & graph.valid).to(W_O[0].dtype)  # [J, W, R]: edges that get the ablated value
+    on = (masks & graph.valid).to(W_O[0].dtype)  # [J, W, R]: circuit edges (running values)
+    running: dict[int, Tensor] = {}  # writer index -> its output in this pass [J, B, P, d] (heads: on demand)
+    z_of: dict[int, Tensor] = {}  # layer -> hook_z of this pass [J, B, P, H, d_head]
+    # (writer indices, their summed running output), in the order the pass writes them
+    written: list[tuple[list[int], Tensor]] = []
+    state: dict[str, Any] = {"cum": None, "n": 0, "k": 0}
 
     def split(x: Tensor) -> Tensor:
         return x.view(J, B, *x.shape[1:])
 
+    def first_head(layer: int) -> int:
+        return 1 + layer * (H + 1)
+
     def on_z(layer: int):
         def fn(act: Tensor) -> None:
-            z = split(act)
-            running.extend(torch.einsum("jbphk,hkd->hjbpd", z, W_O[layer]).unbind(0))
+            z_of[layer] = split(act)
         return fn
 
-    def on_mlp(act: Tensor) -> None:
-        running.append(split(act))
+    def on_attn_out(layer: int):
+        def fn(act: Tensor) -> None:  # the sum of the layer's heads (b_O is a constant writer)
+            written.append((list(range(first_head(layer), first_head(layer) + H)), split(act) - b_O[layer]))
+        return fn
+
+    def on_mlp(layer: int):
+        def fn(act: Tensor) -> None:
+            i = first_head(layer) + H
+            running[i] = split(act)
+            written.append(([i], running[i]))
+        return fn
 
     embed_parts: dict[str, Tensor] = {}
 
@@ -74,24 +139,26 @@ def _evaluate(backend: Backend, graph: Graph, masks: Tensor, tokens: Tensor, mas
             embed_parts[name] = act
             if len(embed_parts) == 2:  # token + position embedding: the embed writer
                 total = embed_parts["hook_embed"] + embed_parts["hook_pos_embed"]
-                running.append(split(total.expand(J * B, *total.shape[1:])))
+                running[0] = split(total.expand(J * B, *total.shape[1:]))
+                written.append(([0], running[0]))
         return fn
 
-    on = (masks & graph.valid).to(ablated.dtype)  # [J, W, R]: circuit edges (running values)
-    # cum = sum over the writers so far of (ablated - running): the extra of a reader with no circuit edge.
-    # A reader's extra is cum minus its circuit edges' terms, or the sum of its non-circuit edges' terms,
-    # whichever touches fewer writers (sparse circuits: a few; near-full circuits: a few).
-    state: dict[str, Any] = {"cum": None, "n": 0}
+    def output(i: int) -> Tensor:
+        if i not in running:  # a head: z @ W_O of that head
+            layer, h = (i - 1) // (H + 1), (i - 1) % (H + 1)
+            running[i] = z_of[layer][..., h, :] @ W_O[layer][h]
+        return running[i]
 
-    def diff(ws: list[int]) -> Tensor:  # [J, len(ws), B, P, d]
-        return ablated[:, ws].transpose(0, 1)[None] - torch.stack([running[w] for w in ws], dim=1)
+    def diff(i: int) -> Tensor:  # [J, B, P, d]
+        return ablated.one(i)[None] - output(i)
 
     def extra(layer: int | None, kind: str):
-        n = len(running)
-        for w in range(state["n"], n):
-            d = ablated[:, w][None] - running[w]
+        for ws, value in written[state["k"]:]:
+            d = ablated.total(ws)[None] - value
             state["cum"] = d if state["cum"] is None else state["cum"] + d
-        state["n"] = n
+            state["n"] += len(ws)
+        state["k"] = len(written)
+        n = state["n"]
         if layer is None:
             r_idx = [len(graph.readers) - 1]
         else:
@@ -102,23 +169,22 @@ def _evaluate(backend: Backend, graph: Graph, masks: Tensor, tokens: Tensor, mas
         w_on = c_on.any(0).any(-1).nonzero().flatten().tolist()
         w_off = c_off.any(0).any(-1).nonzero().flatten().tolist()
         if len(w_on) <= len(w_off):
-            out = state["cum"][:, None].expand(J, len(r_idx), *state["cum"].shape[1:])
-            if w_on:
-                out = out - torch.einsum("jwr,jwbpd->jrbpd", c_on[:, w_on], diff(w_on))
-        elif not w_off:  # every edge into these readers is in every circuit: their clean input
+            return [(None, state["cum"])] + [(-c_on[:, i], diff(i)) for i in w_on]
+        if not w_off:  # every edge into these readers is in every circuit: their clean input
             return None
-        else:
-            out = torch.einsum("jwr,jwbpd->jrbpd", c_off[:, w_off], diff(w_off))
-        return out if kind in "qkv" else out[:, 0]
+        return [(c_off[:, i], diff(i)) for i in w_off]
 
     rebuild = Rebuild(backend, J, extra)
     observers: dict[str, Any] = {"hook_embed": on_embed("hook_embed"), "hook_pos_embed": on_embed("hook_pos_embed")}
     for layer in range(L):
         observers[f"blocks.{layer}.attn.hook_z"] = on_z(layer)
-        observers[f"blocks.{layer}.hook_mlp_out"] = on_mlp
-    logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=rebuild.hooks(observers)).logits
+        observers[f"blocks.{layer}.hook_attn_out"] = on_attn_out(layer)
+        observers[f"blocks.{layer}.hook_mlp_out"] = on_mlp(layer)
+    out = readout(f_clean, J)
+    logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=rebuild.hooks(observers),
+                         positions=out.get("positions")).logits
     logits = logits.view(J, B, *logits.shape[1:])
-    return torch.stack([f_clean(logits[j]) for j in range(J)])
+    return torch.stack([out["metric"](logits[j]) for j in range(J)])
 
 
 def evaluate_circuit(
@@ -212,19 +278,16 @@ def faithfulness_curve(
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     B = tokens.shape[0]
-    wnames = writer_hooks(backend.n_layers)
+    names = _Ablated.hooks(backend.n_layers)
     with torch.no_grad():
         if ablation == "corrupted":
             # the empty circuit gives every reader its corrupted input, i.e. the corrupted run (tested)
-            corr = backend.run(c_tokens, c_mask, capture=wnames, metric=f_corr)
-            ablated, m_ablated = writer_outputs(backend, corr.acts), corr.metric
-            m_clean = backend.run(tokens, mask, metric=f_clean).metric
+            corr = backend.run(c_tokens, c_mask, capture=names, **readout(f_corr))
+            ablated, m_ablated = _Ablated(backend, corr.acts), corr.metric
+            m_clean = backend.run(tokens, mask, **readout(f_clean)).metric
         else:
-            clean_run = backend.run(tokens, mask, capture=wnames, metric=f_clean)
-            outs = writer_outputs(backend, clean_run.acts)  # [B, W, P, d]
-            weight = mask.to(outs.dtype)[:, None, :, None]
-            mean = (outs * weight).sum((0, 2), keepdim=True) / weight.sum()
-            ablated, m_clean = mean.expand_as(outs).contiguous(), clean_run.metric
+            clean_run = backend.run(tokens, mask, capture=names, **readout(f_clean))
+            ablated, m_clean = _Ablated(backend, clean_run.acts, weight=mask), clean_run.metric
             empty = torch.zeros(1, *graph.valid.shape, dtype=torch.bool)
             m_ablated = _evaluate(backend, graph, empty, tokens, mask, f_clean, ablated)[0]
         copies = max(1, batch_size // B)

@@ -115,7 +115,7 @@ def writer_outputs(backend: Backend, acts: dict[str, Tensor],
 def reader_hooks(L: int) -> list[str]:
     names = []
     for layer in range(L):
-        names += [f"blocks.{layer}.attn.hook_{x}" for x in "qkv"] + [f"blocks.{layer}.mlp.hook_pre",
+        names += [f"blocks.{layer}.attn.hook_{x}" for x in "qkv"] + [f"blocks.{layer}.hook_mlp_in",
                                                                     f"blocks.{layer}.hook_resid_pre",
                                                                     f"blocks.{layer}.hook_resid_mid"]
     return names + [f"blocks.{L - 1}.hook_resid_post"]
@@ -134,7 +134,7 @@ def reader_grads(backend: Backend, acts: dict[str, Tensor], grads: dict[str, Ten
     g_qkv = torch.cat([grads[p + f"attn.hook_{x}"].permute(2, 0, 1, 3).reshape(H, B * P, k) for x in "qkv"])
     W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]]).transpose(1, 2)  # [3H, d_head, d]
     qkv = torch.bmm(g_qkv, W).view(3 * H, B, P, -1)  # d/d(normalised input)
-    g = grads[p + "mlp.hook_pre"] @ w.W_in[layer].T
+    g = grads[p + "hook_mlp_in"]  # the MLP's (normalised) input
     return [norms.ln1[layer].vjp(acts[p + "hook_resid_pre"], qkv),
             norms.ln2[layer].vjp(acts[p + "hook_resid_mid"], g)[None]]
 
@@ -147,9 +147,13 @@ def reader_grads(backend: Backend, acts: dict[str, Tensor], grads: dict[str, Ten
 class Rebuild:
     """Hooks that give reader inputs ``norm(resid + extra)``, with ``extra`` per reader from a callback.
 
-    ``extra(layer, kind)`` returns ``[J, n, B, P, d]`` for kind in q/k/v (``n`` = n_heads) or
-    ``[J, B, P, d]`` for ``mlp_in`` / ``logits`` (J copies of the batch stacked in the forward), or
-    ``None`` for no change. The running residual stream is read at ``hook_resid_pre`` / ``mid``.
+    ``extra(layer, kind)`` returns, for the readers of one group (the n_heads q, k or v inputs of a layer, or
+    its ``mlp_in``, or the ``logits``; J copies of the batch stacked in the forward), either ``None`` (no
+    change), a dense tensor (``[J, n_heads, B, P, d]`` for q/k/v, ``[J, B, P, d]`` otherwise), or a list of
+    terms ``(coef, x)``: ``extra[j, r] = sum coef[j, r] * x[j]`` with ``x [J, B, P, d]`` and ``coef [J, r]``
+    (``None``: 1). LN-free, a head's rebuilt q/k/v is then the running one plus each term projected once
+    for all heads (``x @ W``, never a ``[J, n_heads, B, P, d]`` input). The running residual stream is
+    read at ``hook_resid_pre`` / ``mid``; the MLP's input is replaced before ``W_in`` (``hook_mlp_in``).
     """
 
     def __init__(self, backend: Backend, J: int, extra):
@@ -166,13 +170,28 @@ class Rebuild:
                 fns[p + site] = self._keep(p + site, fns.get(p + site))
             for kind in "qkv":
                 fns[p + f"attn.hook_{kind}"] = self._qkv(layer, kind)
-            fns[p + "mlp.hook_pre"] = self._mlp(layer)
+            fns[p + "hook_mlp_in"] = self._mlp(layer)
         last = f"blocks.{L - 1}.hook_resid_post"
         fns[last] = self._logits(fns.get(last))
         return fns
 
     def _split(self, x: Tensor) -> Tensor:
         return x.view(self.J, -1, *x.shape[1:])
+
+    @staticmethod
+    def _dense(extra: Any, n: int | None) -> Tensor:
+        """A list of terms as one tensor: ``[J, n, B, P, d]`` (``n`` readers) or ``[J, B, P, d]`` (``None``)."""
+        if not isinstance(extra, list):
+            return extra
+        out = None
+        for coef, x in extra:
+            if n is None:
+                t = x if coef is None else coef[:, 0, None, None, None] * x
+            else:
+                t = x[:, None] if coef is None else coef[:, :, None, None, None] * x[:, None]
+            out = t if out is None else out + t
+        assert out is not None  # pragma: no cover - a list has at least one term
+        return out if n is None else out.expand(out.shape[0], n, *out.shape[2:])
 
     def _keep(self, name: str, observer):
         def fn(act: Tensor) -> None:
@@ -185,27 +204,34 @@ class Rebuild:
         W = {"q": self.w.W_Q, "k": self.w.W_K, "v": self.w.W_V}[kind][layer]
         b = {"q": self.w.b_Q, "k": self.w.b_K, "v": self.w.b_V}[kind][layer]
         norm = self.norms.ln1[layer]
+        H, d, k = W.shape
 
         def fn(act: Tensor) -> Tensor | None:
             extra = self.extra(layer, kind)
             if extra is None:
                 return None
+            if isinstance(extra, list) and norm.is_identity:  # (resid + x) @ W = act + x @ W, one product per term
+                W_all = W.permute(1, 0, 2).reshape(d, H * k)
+                new = self._split(act)  # [J, B, P, H, k]
+                for coef, x in extra:
+                    proj = (x @ W_all).view(*x.shape[:-1], H, k)
+                    new = new + (proj if coef is None else proj * coef[:, None, None, :, None])
+                return new.reshape(act.shape).to(act.dtype)
             resid = self._split(self.resid[f"blocks.{layer}.hook_resid_pre"])  # [J, B, P, d]
-            x = norm(resid[:, None] + extra)  # [J, H, B, P, d]
+            x = norm(resid[:, None] + self._dense(extra, H))  # [J, H, B, P, d]
             new = torch.einsum("jhbpd,hdk->jbphk", x, W) + b
             return new.reshape(act.shape).to(act.dtype)
         return fn
 
     def _mlp(self, layer: int):
         norm = self.norms.ln2[layer]
-        W, b = self.w.W_in[layer], self.w.b_in[layer]
 
-        def fn(act: Tensor) -> Tensor | None:
+        def fn(act: Tensor) -> Tensor | None:  # the MLP's input (before W_in: no second projection)
             extra = self.extra(layer, "mlp_in")
             if extra is None:
                 return None
             resid = self._split(self.resid[f"blocks.{layer}.hook_resid_mid"])
-            return (norm(resid + extra) @ W + b).reshape(act.shape).to(act.dtype)
+            return norm(resid + self._dense(extra, None)).reshape(act.shape).to(act.dtype)
         return fn
 
     def _logits(self, observer):
@@ -215,5 +241,5 @@ class Rebuild:
             extra = self.extra(None, "logits")
             if extra is None:
                 return None
-            return (self._split(act) + extra).reshape(act.shape)
+            return (self._split(act) + self._dense(extra, None)).reshape(act.shape)
         return fn

@@ -43,8 +43,7 @@ class TokenMetric:
         pos = positions(self.pos, attention_mask)
         answer = token_ids(backend, self.answer, batch, "answer")
         wrong = None if self.wrong is None else token_ids(backend, self.wrong, batch, "wrong")
-        rows = torch.arange(batch, device=pos.device)
-        return lambda logits: self._compute(logits[rows, pos], answer, wrong)
+        return BoundMetric(lambda final: self._compute(final, answer, wrong), pos)
 
     def __call__(self, logits: Float[Tensor, "batch pos vocab"], attention_mask: Tensor | None = None) -> Tensor:
         """Evaluate directly on logits (token ids only; strings need `bind`)."""
@@ -64,6 +63,40 @@ class TokenMetric:
 
     def _compute(self, final: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+
+class BoundMetric:
+    """A token metric bound to one batch: reads each prompt's logits at one position ``positions [batch]``.
+
+    Called on full logits ``[batch, pos, vocab]`` like any metric; `selected` takes only the logits at
+    ``positions`` (``[batch, 1, vocab]``), which `Backend.run` computes alone when given the positions
+    (see `readout`).
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], positions: Tensor):
+        self.fn, self.positions = fn, positions
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return self.fn(logits[rows, self.positions.to(logits.device)])
+
+    def selected(self, logits: Float[Tensor, "batch 1 vocab"]) -> Tensor:
+        """The metric from the logits at ``positions`` only."""
+        return self.fn(logits[:, 0])
+
+
+def readout(metric: Metric, copies: int = 1) -> dict[str, Any]:
+    """``Backend.run`` keyword arguments (``metric``, and ``positions`` where it pays) for a run whose logits
+    serve only ``metric``: ``backend.run(tokens, mask, ..., **readout(f))``.
+
+    A bound token metric reads one position per prompt, so the run unembeds those positions only
+    (``positions`` repeated for ``copies`` stacked copies of the batch) and ``metric`` takes the
+    ``[rows, 1, vocab]`` logits (apply it to each copy's rows). Any other metric: ``{"metric": metric}``,
+    full logits.
+    """
+    if isinstance(metric, BoundMetric):
+        return {"metric": metric.selected, "positions": metric.positions.repeat(copies)}
+    return {"metric": metric}
 
 
 class LogitDiff(TokenMetric):

@@ -29,7 +29,7 @@ from .backends import Backend, check_metric, get_backend
 from .edge_results import EdgeResult
 from .errors import LNFreeError
 from .inputs import pair_inputs, prepare_count
-from .metrics import bind_metric
+from .metrics import bind_metric, readout
 from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
 from .streaming import is_loader, stream_pairs, wants_stream
 
@@ -119,9 +119,9 @@ def attribution_patching(
     final = f"blocks.{L - 1}.hook_resid_post"
     w = backend.weights()
 
-    corr_run = backend.run(c_tokens, c_mask, capture=names, metric=f_corr)
+    corr_run = backend.run(c_tokens, c_mask, capture=names, **readout(f_corr))
     corr, m_corr = corr_run.acts, corr_run.metric
-    clean_run = backend.run(tokens, mask, capture=names, grad_of=names + [final], metric=f_clean)
+    clean_run = backend.run(tokens, mask, capture=names, grad_of=names + [final], **readout(f_clean))
     acts, m = clean_run.acts, clean_run.metric
     grads = [clean_run.grads[n] for n in names + [final]]
     g_final = grads[-1]
@@ -229,8 +229,8 @@ def activation_patching(
     copies = max(1, batch_size // batch)
 
     with torch.no_grad():
-        m_clean = backend.run(tokens, mask, metric=f_clean).metric
-        corr_run = backend.run(c_tokens, c_mask, capture=names, metric=f_corr)
+        m_clean = backend.run(tokens, mask, **readout(f_clean)).metric
+        corr_run = backend.run(c_tokens, c_mask, capture=names, **readout(f_corr))
         corr, m_corr = corr_run.acts, corr_run.metric
         del corr_run
         assert m_clean is not None  # the run was given a metric
@@ -260,10 +260,12 @@ def activation_patching(
                     return torch.where(sel, src.unsqueeze(0), act).view(J * shape[0], *shape[1:])
 
                 hooks[name] = patch
-            logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=hooks).logits
+            out = readout(f_clean, J)
+            logits = backend.run(tokens.repeat(J, 1), mask.repeat(J, 1), hooks=hooks,
+                                 positions=out.get("positions")).logits
             logits = logits.view(J, batch, *logits.shape[1:])
             for j in range(J):
-                effects[start + j] = check_metric(f_clean(logits[j]), batch, need_grad=False) - m_clean
+                effects[start + j] = check_metric(out["metric"](logits[j]), batch, need_grad=False) - m_clean
     labels = [lab for layer in range(L) for lab in _labels(backend, nodes, layer)]
     values = effects.view(len(labels), len(pos_list), batch) if per_position else effects
     return AttributionResult(

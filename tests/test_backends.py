@@ -74,7 +74,7 @@ def test_reader_hooks_weights_and_norms_match_hf(loader, models):
         w = backend.weights()
         tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(1))
         names = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
-                 "blocks.1.attn.hook_v", "blocks.1.attn.hook_pattern", "blocks.1.mlp.hook_pre"]
+                 "blocks.1.attn.hook_v", "blocks.1.attn.hook_pattern", "blocks.1.mlp.hook_pre", "blocks.1.hook_mlp_in"]
         acts = backend.run(tokens, None, capture=names).acts
         x = norms.ln1[1](acts["blocks.1.hook_resid_pre"])
         for kind, W, b in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
@@ -84,8 +84,48 @@ def test_reader_hooks_weights_and_norms_match_hf(loader, models):
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
         scores = scores.masked_fill(torch.ones(7, 7).triu(1).bool(), float("-inf"))
         assert (scores.softmax(-1) - acts["blocks.1.attn.hook_pattern"]).abs().max() <= 1e-10
-        pre = norms.ln2[1](acts["blocks.1.hook_resid_mid"]) @ w.W_in[1] + w.b_in[1]
+        mlp_in = norms.ln2[1](acts["blocks.1.hook_resid_mid"])
+        assert (mlp_in - acts["blocks.1.hook_mlp_in"]).abs().max() <= 1e-12
+        pre = mlp_in @ w.W_in[1] + w.b_in[1]
         assert (pre - acts["blocks.1.mlp.hook_pre"]).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_replacing_the_mlp_input_leaves_the_skip_connection(loader, models):
+    """hook_mlp_in changes only the MLP's input: hook_mlp_out moves, hook_resid_mid (the skip path) does not, and
+    the new hook_pre is the replacement through W_in (every backend, float64)."""
+    backend = get_backend(load(loader, models["schaeff"], dtype=torch.float64))
+    w = backend.weights()
+    tokens = torch.randint(0, backend.d_vocab, (2, 7), generator=torch.Generator().manual_seed(2))
+    names = ["blocks.0.hook_resid_mid", "blocks.0.mlp.hook_pre", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    base = backend.run(tokens, None, capture=names).acts
+    new = torch.randn(2, 7, backend.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = backend.run(tokens, None, hooks={"blocks.0.hook_mlp_in": lambda x: new}, capture=names).acts
+    assert torch.equal(got["blocks.0.hook_resid_mid"], base["blocks.0.hook_resid_mid"])
+    assert (got["blocks.0.mlp.hook_pre"] - (new @ w.W_in[0] + w.b_in[0])).abs().max() <= 1e-10
+    assert (got["blocks.0.hook_mlp_out"] - base["blocks.0.hook_mlp_out"]).abs().max() > 1e-3
+    resid = got["blocks.0.hook_resid_mid"] + got["blocks.0.hook_mlp_out"]
+    assert (resid - got["blocks.0.hook_resid_post"]).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_run_unembeds_only_the_given_positions(loader, models):
+    """Backend.run(positions=...) returns the logits at one position per row ([rows, 1, vocab]), equal to
+    those of the full run, with gradients equal too; few rows (padded internally) and many alike."""
+    backend = get_backend(load(loader, models["schaeff"], dtype=torch.float64))
+    for rows in (3, 40):
+        gen = torch.Generator().manual_seed(rows)
+        tokens = torch.randint(0, backend.d_vocab, (rows, 6), generator=gen)
+        pos = torch.randint(0, 6, (rows,), generator=gen)
+        full = backend.run(tokens, None, capture=["blocks.1.hook_resid_post"], grad_of=["blocks.1.hook_resid_pre"],
+                           metric=lambda lg: lg[torch.arange(rows), pos, 3] - lg[torch.arange(rows), pos, 5])
+        part = backend.run(tokens, None, capture=["blocks.1.hook_resid_post"], grad_of=["blocks.1.hook_resid_pre"],
+                           metric=lambda lg: lg[:, 0, 3] - lg[:, 0, 5], positions=pos)
+        assert part.logits.shape == (rows, 1, backend.d_vocab)
+        assert (part.logits[:, 0] - full.logits[torch.arange(rows), pos]).abs().max() <= 1e-12
+        assert torch.equal(part.acts["blocks.1.hook_resid_post"], full.acts["blocks.1.hook_resid_post"])
+        g, g_full = part.grads["blocks.1.hook_resid_pre"], full.grads["blocks.1.hook_resid_pre"]
+        assert (g - g_full).abs().max() <= 1e-12 and g_full.abs().max() > 0
 
 
 @pytest.mark.parametrize("loader", LOADERS)

@@ -226,12 +226,17 @@ def test_eap_ig_matches_a_hand_written_integral(models):
 
 
 def _manual_circuit_metric(hf, graph, on, clean, corrupted):
-    """An independent circuit evaluation: a hand-written float64 GPT-2 forward (LN-free: every reader's
-    input is the constant biases plus the sum of its writers' outputs) from the HF modules' own weights.
-    Reader r takes writer w's running output if ``on[w, r]`` else its output in the corrupted run."""
+    """An independent circuit evaluation: a hand-written float64 GPT-2 forward (every reader's input is the
+    normalisation - LN-free the identity, else a folded LayerNorm - of the constant biases plus the sum of its
+    writers' outputs) from the HF modules' own weights. Reader r takes writer w's running output if ``on[w, r]``
+    else its output in the corrupted run."""
     t = hf.transformer
     H, d = hf.config.n_head, hf.config.n_embd
     dh = d // H
+    lnfree = isinstance(t.ln_f, torch.nn.Identity)
+
+    def norm(x):
+        return x if lnfree else torch.nn.functional.layer_norm(x, (d,), eps=hf.config.layer_norm_epsilon)
 
     def forward(tokens, ablated=None):
         B, P = tokens.shape
@@ -240,7 +245,7 @@ def _manual_circuit_metric(hf, graph, on, clean, corrupted):
 
         def read(ri):
             ws = range(len(outs))
-            return const + sum(outs[w] if ablated is None or on[w, ri] else ablated[w] for w in ws)
+            return norm(const + sum(outs[w] if ablated is None or on[w, ri] else ablated[w] for w in ws))
 
         causal = torch.ones(P, P).tril().bool()
         for layer, blk in enumerate(t.h):
@@ -269,11 +274,13 @@ def _manual_circuit_metric(hf, graph, on, clean, corrupted):
     return logits[rows, -1, torch.tensor(ANSWER)] - logits[rows, -1, WRONG]
 
 
-def test_partial_circuits_match_a_hand_written_forward(models):
+@pytest.mark.parametrize("encoding", ["schaeff", "layernorm"])
+def test_partial_circuits_match_a_hand_written_forward(models, encoding):
     """Sparse, middling and near-full circuits (each takes another path of the rebuild) against
-    `_manual_circuit_metric` (float64, 1e-10)."""
-    hf = L.load_hf(models["schaeff"], dtype=torch.float64)
-    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    `_manual_circuit_metric` (float64, 1e-10), LN-free and on the LN baseline."""
+    hf = L.load_hf(models[encoding], dtype=torch.float64, expect_lnfree=encoding != "layernorm")
+    assert isinstance(hf.transformer.ln_f, torch.nn.Identity) == (encoding != "layernorm")
+    clean, corrupted = _pair(models[encoding].config.vocab_size)
     metric = logit_diff(ANSWER, WRONG)
     graph = Graph(2, 4)
     eap = L.edge_attribution(hf, clean, corrupted, metric)

@@ -31,3 +31,23 @@ def test_bad_metric_input():
         logit_diff([1, 2, 3])(LOGITS)
     with pytest.raises(LNFreeError, match="outside the prompt"):
         logit_diff(1, pos=-6)(LOGITS)
+
+
+def test_readout_of_a_bound_token_metric_reads_only_its_positions():
+    """readout() gives Backend.run the positions a bound logit_diff / logprob reads, and a metric on the logits at
+    those positions alone that equals the metric on the full logits; a plain callable keeps full logits."""
+    from types import SimpleNamespace
+
+    from lnfree_interp.metrics import bind_metric, readout
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    backend = SimpleNamespace(d_vocab=11, tokenizer=None, device=torch.device("cpu"))
+    for metric in (logit_diff([3, 4], 7), logprob(3)):
+        bound = bind_metric(metric, backend, mask)
+        kw = readout(bound, copies=2)
+        assert kw["positions"].tolist() == [2, 4, 2, 4]
+        picked = LOGITS[torch.arange(2), torch.tensor([2, 4])][:, None]  # [batch, 1, vocab]
+        assert torch.equal(kw["metric"](picked), bound(LOGITS))
+        assert torch.equal(bound(LOGITS), metric(LOGITS, mask))
+    plain = lambda logits: logits[:, -1, 0]  # noqa: E731
+    assert readout(plain) == {"metric": plain}

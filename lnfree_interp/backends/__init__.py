@@ -8,6 +8,7 @@ it runs on:
   parameters in TransformerLens layout) and `Backend.norms` (what each LayerNorm site really
   computes, read from the modules the model runs, never from its config);
 * *hooks by TransformerLens name* (``blocks.{l}.attn.hook_z`` as ``[batch, pos, head, d_head]``,
+  ``blocks.{l}.hook_mlp_in``: the MLP's (normalised) input, the residual stream's skip path untouched,
   ``attn.hook_q/k/v``, ``attn.hook_pattern`` as ``[batch, head, query, key]``,
   ``hook_mlp_out``, ``hook_embed``...), see [`Backend.hook_names`][lnfree_interp.backends.Backend.hook_names];
 * one run primitive, `Backend.run`: a forward pass with hooks that patch, activations captured,
@@ -43,7 +44,7 @@ HookFn = Callable[[Tensor], "Tensor | None"]
 
 #: The hook names every backend provides, per layer (plus ``hook_embed``, ``hook_pos_embed``).
 LAYER_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_q", "attn.hook_k",
-               "attn.hook_v", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "mlp.hook_pre",
+               "attn.hook_v", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_mlp_in", "mlp.hook_pre",
                "mlp.hook_post", "hook_mlp_out")
 
 
@@ -192,6 +193,10 @@ class Backend:
         """Logits ``[batch, pos, d_vocab]`` for token ids ``[batch, pos]`` (padding-aware)."""
         raise NotImplementedError
 
+    def unembed(self) -> torch.nn.Module:
+        """The module that maps the final (normalised) residual stream ``[batch, pos, d_model]`` to the logits."""
+        raise NotImplementedError
+
     def hook_names(self) -> list[str]:
         """TransformerLens names this backend can hook."""
         return ["hook_embed", "hook_pos_embed"] + [
@@ -222,7 +227,8 @@ class Backend:
     # --- the run primitive ------------------------------------------------------------------
     def run(self, tokens: Tensor, mask: Tensor | None, *, hooks: Mapping[str, HookFn] | None = None,
             capture: Sequence[str] | Mapping[str, Callable[[Tensor], Tensor]] = (),
-            grad_of: Sequence[str] = (), metric: Callable[[Tensor], Tensor] | None = None) -> Run:
+            grad_of: Sequence[str] = (), metric: Callable[[Tensor], Tensor] | None = None,
+            positions: Tensor | None = None) -> Run:
         """One forward pass, in eval mode, under this model's lock.
 
         Args:
@@ -232,6 +238,10 @@ class Backend:
                 name -> reducer applied to the value before it is kept (e.g. select positions).
             grad_of: hook names at which to take ``d sum(metric) / d activation`` (needs ``metric``).
             metric: logits ``[batch, pos, vocab]`` -> ``[batch]``; required with ``grad_of``.
+            positions: ``[batch]`` one position per row: the unembedding runs on those positions only,
+                so the logits (and the metric's argument) are ``[batch, 1, vocab]``. For metrics that read
+                one position per prompt (see `metrics.readout`): the unembedding is ~30% of a GPT-2
+                forward, and as much again in the backward.
 
         Gradients come from ``torch.autograd.grad`` with respect to the activations only (no ``.grad``
         is written on parameters), whether or not the parameters require grad.
@@ -271,7 +281,8 @@ class Backend:
                 out = embed(act) if embed else None
                 return _leaf(act if out is None else out)
             fns["hook_embed"] = leaf
-        with model_lock(self.module), eval_mode(self), torch.set_grad_enabled(bool(grad_of)), self.hooks(fns):
+        with model_lock(self.module), eval_mode(self), torch.set_grad_enabled(bool(grad_of)), self.hooks(fns), \
+                _select_positions(self, positions):
             logits = self.forward(tokens, mask)
             value = None
             grads: dict[str, Tensor] = {}
@@ -293,6 +304,41 @@ class Backend:
                                 + ".")
                         grads[n] = g.detach()
         return Run(logits.detach(), acts, None if value is None else value.detach(), grads)
+
+
+#: rows below which the unembedding of selected positions is padded: BLAS picks other kernels for a
+#: handful of rows (e.g. 3), whose rounding differs from the many-row product of a patching pass, and
+#: identical clean and corrupted prompts would then give float32 effects of ~1e-7 instead of exactly 0
+_MIN_ROWS = 16
+
+
+@contextlib.contextmanager
+def _select_positions(backend: Backend, positions: Tensor | None) -> Iterator[None]:
+    """Unembed only ``positions`` (one per row) inside the block; nothing when ``None``."""
+    if positions is None:
+        yield
+        return
+    rows = positions.shape[0]
+
+    def pre(module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if x.dim() != 3 or x.shape[0] != rows:  # pragma: no cover - every backend passes [B, P, d]
+            raise LNFreeError(f"Internal error: unembedding input of shape {tuple(x.shape)} for {rows} positions.")
+        picked = x[torch.arange(rows, device=x.device), positions.to(x.device)][:, None]
+        if rows < _MIN_ROWS:
+            picked = torch.cat([picked, picked.new_zeros(_MIN_ROWS - rows, *picked.shape[1:])])
+        return (picked, *args[1:])
+
+    def post(module: torch.nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out[:rows]
+
+    module = backend.unembed()
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _leaf(act: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ TransformerLens hook names map onto HF modules with plain torch hooks:
 ``blocks.{l}.attn.hook_pattern``       attention weights ``[b, head, q, k]`` (read-only; eager attention)
 ``blocks.{l}.attn.hook_z``             input of ``h[l].attn.c_proj``, viewed ``[b, p, head, d_head]``
 ``blocks.{l}.hook_attn_out``           output of ``h[l].attn.c_proj``
+``blocks.{l}.hook_mlp_in``             input of ``h[l].mlp`` (the output of ``ln_2``)
 ``blocks.{l}.mlp.hook_pre``            output of ``h[l].mlp.c_fc``  (``hook_post``: input of ``c_proj``)
 ``blocks.{l}.hook_mlp_out``            output of ``h[l].mlp``
 =====================================  ==========================================================
@@ -144,6 +145,9 @@ class HFBackend(Backend):
         return self.hf(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
 
+    def unembed(self) -> nn.Module:
+        return self.hf.lm_head
+
     def _site(self, name: str) -> tuple[nn.Module, str, str]:
         """(module, "in" | "out", view) for a TL hook name; view is "", "resid", "z", "q", "k", "v" or "pattern"."""
         t = self.hf.transformer
@@ -165,6 +169,7 @@ class HFBackend(Backend):
             "attn.hook_pattern": (block.attn, "out", "pattern"),
             "attn.hook_z": (block.attn.c_proj, "in", "z"),
             "hook_attn_out": (block.attn.c_proj, "out", ""),
+            "hook_mlp_in": (block.mlp, "in", ""),
             "mlp.hook_pre": (block.mlp.c_fc, "out", ""),
             "mlp.hook_post": (block.mlp.c_proj, "in", ""),
             "hook_mlp_out": (block.mlp, "out", ""),

@@ -80,12 +80,31 @@ class _TLBackend(Backend):
     def forward(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.tl(tokens, attention_mask=attention_mask, return_type="logits")
 
+    def unembed(self) -> nn.Module:
+        return self.tl.unembed
+
     @contextlib.contextmanager
     def hooks(self, fns: Mapping[str, HookFn]) -> Iterator[None]:
         self.check_names(fns)
-        fwd = [(name, lambda act, hook, fn=fn: fn(act)) for name, fn in fns.items()]
-        with self.tl.hooks(fwd_hooks=fwd):
-            yield
+        # hook_mlp_in is a torch pre-hook on the MLP module: HookedTransformer only runs its own
+        # hook_mlp_in with cfg.use_hook_mlp_in, which this library does not switch on the user's model
+        mlp_in = {n: fn for n, fn in fns.items() if n.endswith(".hook_mlp_in")}
+        fwd = [(name, lambda act, hook, fn=fn: fn(act)) for name, fn in fns.items() if name not in mlp_in]
+        handles = []
+
+        def pre(module: nn.Module, args: tuple, fn: HookFn) -> tuple | None:
+            out = fn(args[0])
+            return None if out is None else (out, *args[1:])
+
+        try:
+            for name, fn in mlp_in.items():
+                mlp = self.tl.blocks[int(name.split(".")[1])].mlp
+                handles.append(mlp.register_forward_pre_hook(lambda m, a, fn=fn: pre(m, a, fn)))
+            with self.tl.hooks(fwd_hooks=fwd):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class HookedBackend(_TLBackend):
