@@ -40,7 +40,9 @@ Streaming goal (issue 13)
 ``--shape xl`` (48 layers, d_model 1600, 25 heads, vocab 50257: GPT-2 XL, 1.56 B parameters, 6.2 GB
 in float32) writes the LN-free checkpoint as *sharded* safetensors (``model.safetensors.index.json``,
 2 GB shards, as large checkpoints are stored) and measures our loaders beside plain
-``GPT2LMHeadModel.from_pretrained`` of the same directory (kind ``hf_from_pretrained``). Goals:
+``GPT2LMHeadModel.from_pretrained`` of the same directory (kind ``hf_from_pretrained``).
+``read_copy`` (every tensor read into fresh memory by the loaders' safetensors reader, no fold) is the
+floor of any loader that owns its weights, printed beside them. Goals:
 peak extra RSS <= 1.3 x the checkpoint's parameter bytes, and wall time <= 1.5 x that of
 ``from_pretrained``. The TL references need their own LayerNorm checkpoint and several copies of
 the weights, so they run only at the small shapes. ``--shape xl`` needs ~13 GB free while it
@@ -77,6 +79,7 @@ SHAPE_NAMES = {"tiny": "tiny", "small": "gpt2-small", "medium": "medium", "xl": 
 KINDS = {
     "hf_from_pretrained": ("lnfree", "plain transformers GPT2LMHeadModel.from_pretrained (same directory)"),
     "hf_from_pretrained_read": ("lnfree", "from_pretrained + read every weight once (what a first forward does)"),
+    "read_copy": ("lnfree", "every tensor read into fresh memory, no fold (floor of a loader owning its weights)"),
     "load_hooked": ("lnfree", "lnfree_interp.load_hooked (default backend)"),
     "load_hooked_bridge": ("lnfree", "lnfree_interp.load_hooked(backend='bridge')"),
     "load_hf": ("lnfree", "lnfree_interp.load_hf"),
@@ -136,6 +139,21 @@ def loader(kind: str):
             return model
 
         return plain
+    if kind == "read_copy":  # what any loader that copies the weights out of the file pays before folding
+        from pathlib import Path
+
+        import torch
+
+        from lnfree_interp.checkpoints import _LazyWeights, _weight_files
+
+        def read_copy(d):
+            weights = _LazyWeights(*_weight_files(Path(d)))
+            try:  # a ParameterList (sharing the tensors) so that the table can count its bytes
+                return torch.nn.ParameterList(torch.nn.Parameter(weights[k], requires_grad=False) for k in weights)
+            finally:
+                weights.close()
+
+        return read_copy
     if kind == "load_hooked_bridge":
         return lambda d: L.load_hooked(d, backend="bridge")
     if kind == "load_hf":

@@ -147,6 +147,12 @@ class _LazyWeights(Mapping):
                                   f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); the index and "
                                   "the shards are from different downloads. Download the checkpoint again.")
 
+    @property
+    def fresh_tensors(self) -> bool:
+        """Every access reads a new tensor that nothing else holds (all files are safetensors), so a consumer
+        may write into it (`fold.fold_state_dict` folds readers in place)."""
+        return all(isinstance(h, _SafetensorsFile) for h, _ in self._where.values())
+
     def __getitem__(self, key: str) -> Tensor:
         try:
             handle, k = self._where[key]

@@ -161,7 +161,7 @@ def _cast(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
 
 def _fold_reader(
     W: Tensor, c: Tensor | None, g: Tensor, b: Tensor, dtype: torch.dtype, name: str,
-    col_scale: Tensor | None = None, chunk: int | None = None,
+    col_scale: Tensor | None = None, chunk: int | None = None, in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Fold a LN's centring + affine into a reader ``y = x @ W + c`` (``W``: [d_model, out]).
 
@@ -171,10 +171,12 @@ def _fold_reader(
     columns at a time (``chunk`` columns; default: ~``_BLOCK`` float64 elements, so the scratch
     stays small and in cache), written straight into the returned tensor. Per block:
     ``C diag(g) W = g * W - (g @ W) / d_model`` (the column means of ``diag(g) W``).
+    ``in_place``: write into ``W`` itself (a tensor nobody else holds, of dtype ``dtype``): each block is
+    read whole before it is written, and no second reader-sized tensor is allocated.
     """
     d_in, d_out = W.shape
     step = chunk or max(1, _BLOCK // max(d_in, 1))  # pragma: no mutate (the floors never bind for d_in >= 2)
-    W_out = torch.empty_like(W, dtype=dtype)
+    W_out = W.detach() if in_place and W.dtype == dtype else torch.empty_like(W, dtype=dtype)
     bias = torch.zeros(d_out, dtype=torch.float64, device=W.device) if c is None else c.detach().double().clone()
     gb = torch.stack([g / d_in, b])  # [2, d_model]: column means of diag(g) W, and b @ W
     g = g[:, None]
@@ -266,6 +268,10 @@ def fold_state_dict(
         LNFreeError: a folded weight overflows ``dtype`` (e.g. float16).
     """
     out: dict[str, Tensor] = {}
+    # a mapping that returns a fresh tensor on every access (safetensors read tensor by tensor, see
+    # `checkpoints`) lets the readers be folded in place: no second reader-sized allocation, whose page
+    # faults cost more than the fold's arithmetic (GPT-2 XL: 3.8 GB)
+    in_place = not copy and bool(getattr(state_dict, "fresh_tensors", False))
 
     def take(t: Tensor, key: str) -> Tensor:
         cast = _cast(t.detach(), dtype, key)
@@ -293,7 +299,8 @@ def fold_state_dict(
             if ln_name in by_name:
                 ln = by_name[ln_name]
                 g, b = _gain(state_dict, ln_name, ln.eps, ln.hacked)
-                out[f"{reader}.weight"], out[f"{reader}.bias"] = _fold_reader(W, c, g, b, dtype, reader, scale, chunk)
+                out[f"{reader}.weight"], out[f"{reader}.bias"] = _fold_reader(W, c, g, b, dtype, reader, scale, chunk,
+                                                                              in_place)
             elif scale is not None:
                 out[f"{reader}.weight"], out[f"{reader}.bias"] = _scale_reader(W, c, scale, dtype, reader)
             else:

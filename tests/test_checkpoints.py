@@ -232,6 +232,16 @@ def test_single_file_and_bin_load_the_same_model(models, tokenizer, ckpt_dirs, t
         sd = L.load_hf(other, dtype=torch.float64).state_dict()
         assert set(sd) == set(ref)
         assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    # float32 from safetensors folds the readers in place into the tensors read (fresh per access); from a .bin
+    # (one memory-mapped dict) or an in-memory model it copies: the same model either way
+    from lnfree_interp.checkpoints import resolve
+
+    assert resolve(d).state_dict.fresh_tensors and resolve(ckpt_dirs["schaeff"]).state_dict.fresh_tensors
+    assert not resolve(binary).state_dict.fresh_tensors
+    ref32 = L.load_hf(models["schaeff"], dtype=torch.float32).state_dict()
+    for other in (ckpt_dirs["schaeff"], d, binary):
+        sd = L.load_hf(other, dtype=torch.float32).state_dict()
+        assert all(torch.equal(sd[k], ref32[k]) for k in ref32), other
 
 
 def test_safetensors_reader_matches_safetensors_library(ckpt_dirs):

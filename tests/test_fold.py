@@ -249,3 +249,35 @@ def test_float64_to_float32_overflow_is_refused(models):
     lns = classify_layernorms(sd, model.config.n_layer, _eps(model))
     with pytest.raises(LNFreeError, match="overflows in torch.float32"):
         fold_state_dict(sd, model.config.n_layer, lns, dtype=torch.float32)
+
+
+def test_readers_fold_in_place_only_into_fresh_tensors(models):
+    """A mapping that returns a fresh tensor per access (``fresh_tensors``, safetensors read tensor by tensor) gets
+    its readers folded in place (the returned weight *is* the tensor read), with the same values as the copying
+    fold, chunked or not; a plain dict's tensors are never written (copy=False alike)."""
+    model = hack_schaeff(models["layernorm"])
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lns = classify_layernorms(sd, model.config.n_layer, _eps(model))
+    ref = fold_state_dict(sd, model.config.n_layer, lns, tied_unembed=False)
+
+    class Fresh(dict):
+        fresh_tensors = True
+
+        def __getitem__(self, key):
+            t = super().__getitem__(key).clone()
+            handed[key] = t
+            return t
+
+    for chunk in (None, 5):
+        handed: dict = {}
+        got = fold_state_dict(Fresh(sd), model.config.n_layer, lns, tied_unembed=False, copy=False, chunk=chunk)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+        reader = "transformer.h.1.mlp.c_fc.weight"
+        assert got[reader].data_ptr() == handed[reader].data_ptr()  # folded in place
+        assert got["lm_head.weight"].data_ptr() != handed["transformer.wte.weight"].data_ptr()
+    before = {k: v.clone() for k, v in sd.items()}
+    plain = fold_state_dict(sd, model.config.n_layer, lns, tied_unembed=False, copy=False)
+    assert all(torch.equal(sd[k], before[k]) for k in sd)
+    assert all(torch.equal(plain[k], ref[k]) for k in ref)
