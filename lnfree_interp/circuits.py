@@ -156,8 +156,8 @@ def edge_attribution(
                 for run in runs[1:]:
                     parts = [p + q for p, q in zip(parts, reader_grads(backend, run.acts, run.grads, layer))]
                 parts = [p / len(runs) for p in parts]
-            start = R - 1 if layer is None else graph.reader_slice(layer)[0]
-            n = W if layer is None else graph.writers_before(layer, mlp=True)  # only writers that can feed them
+            start = R - 1 if layer is None else graph.reader_start(layer)
+            n = W if layer is None else graph.mlp_writer(layer)  # only writers that can feed them
             for g in parts:
                 stop = start + g.shape[0]
                 if per_position:

@@ -35,7 +35,7 @@ class Graph:
         self.r_index = {r: i for i, r in enumerate(self.readers)}
         w_order = torch.tensor([w.order for w in self.writers])
         r_order = torch.tensor([r.order for r in self.readers])
-        self.valid = w_order[:, None] < r_order[None, :]  # [W, R]
+        self.valid = w_order[:, None] < r_order[None, :]  # [W, R]; pragma: no mutate (no order is shared)
         self.n_edges = int(self.valid.sum())
         if self.n_edges != n_edges(n_layers, n_heads):  # pragma: no cover - the two are one definition
             raise LNFreeError("Internal error: edge count mismatch.")
@@ -50,14 +50,14 @@ class Graph:
             self._edges = [Edge(self.writers[a], self.readers[b]) for a, b in zip(wi.tolist(), ri.tolist())]
         return self._edges
 
-    def reader_slice(self, layer: int) -> tuple[int, int]:
-        """Reader indices ``[start, stop)`` of one layer (q of every head, k, v, then ``mlp_in``)."""
-        per = 3 * self.n_heads + 1
-        return layer * per, (layer + 1) * per
+    def reader_start(self, layer: int) -> int:
+        """Index of layer ``layer``'s first reader (its readers: q of every head, k, v, then ``mlp_in``)."""
+        return layer * (3 * self.n_heads + 1)
 
-    def writers_before(self, layer: int, mlp: bool = False) -> int:
-        """Number of writers that precede layer ``layer``'s attention (or its MLP input)."""
-        return 1 + layer * (self.n_heads + 1) + (self.n_heads if mlp else 0)
+    def mlp_writer(self, layer: int) -> int:
+        """Index of ``{layer}_mlp_out`` among the writers: also the number of writers its ``mlp_in`` reads
+        (``embed``, every earlier layer's heads and MLP, this layer's heads)."""
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
 
     def mask(self, edges: Iterable[Any]) -> Tensor:
         """Boolean ``[W, R]`` of the given edges (labels, `Edge` or ``(writer, reader)`` pairs).
@@ -103,7 +103,7 @@ def writer_outputs(backend: Backend, acts: dict[str, Tensor],
 
     embed = get("hook_embed") + get("hook_pos_embed")
     B, P, d = acts["hook_embed"].shape
-    out = embed.new_empty(B, 1 + backend.n_layers * (H + 1), P, d)
+    out = embed.new_empty(B, 1 + backend.n_layers * (H + 1), P, d)  # pragma: no mutate (a spare slot is unused)
     out[:, 0] = embed
     for layer in range(backend.n_layers):
         i = 1 + layer * (H + 1)

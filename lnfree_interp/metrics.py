@@ -25,7 +25,7 @@ class TokenMetric:
     #: linear in the logits (then AtP's direct part is exact on an LN-free model)
     linear = False
 
-    def __init__(self, answer: Any, wrong: Any = None, pos: int | list[int] = -1):
+    def __init__(self, answer: Any, wrong: Any, pos: int | list[int]):
         self.answer, self.wrong, self.pos = answer, wrong, pos
 
     def take(self, start: int, stop: int, n: int) -> TokenMetric:
@@ -112,7 +112,7 @@ class LogitDiff(TokenMetric):
 
 class LogProb(TokenMetric):
     def _compute(self, final: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:
-        return final.log_softmax(-1).gather(1, answer[:, None])[:, 0]
+        return final.log_softmax(-1).gather(1, answer[:, None])[:, 0]  # pragma: no mutate (-1 is 1 on [batch, vocab])
 
     def __repr__(self) -> str:
         return f"logprob(answer={self.answer!r}, pos={self.pos!r})"

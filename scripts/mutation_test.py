@@ -45,7 +45,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "lnfree_interp"
 CORE = ["fold.py", "dla.py", "direct_path.py", "patching.py", "inputs.py", "backends/__init__.py", "backends/hf.py",
-        "backends/tl.py", "builders/tl.py"]
+        "backends/tl.py", "builders/tl.py", "metrics.py", "graph.py", "faithfulness.py", "circuits.py"]
 #: module -> the test files that exercise it (only the tests covering a mutated line are run)
 TESTS = {
     "fold.py": ["tests/test_fold.py", "tests/test_loaders.py"],
@@ -53,6 +53,10 @@ TESTS = {
     "dla.py": ["tests/test_dla.py", "tests/test_mutants.py"],
     "direct_path.py": ["tests/test_dla.py", "tests/test_mutants.py"],
     "patching.py": ["tests/test_patching.py", "tests/test_mutants.py", "tests/test_stats.py"],
+    "metrics.py": ["tests/test_metrics.py", "tests/test_circuits.py", "tests/test_backends.py"],
+    "graph.py": ["tests/test_circuits.py", "tests/test_backends.py"],
+    "faithfulness.py": ["tests/test_circuits.py"],
+    "circuits.py": ["tests/test_circuits.py", "tests/test_streaming.py"],
 }
 DEFAULT_TESTS = ["tests/test_backends.py", "tests/test_mutants.py", "tests/test_dla.py", "tests/test_loaders.py"]
 PRELOAD = ["numpy", "torch", "pandas", "scipy", "matplotlib.pyplot", "plotly.graph_objects", "transformers",

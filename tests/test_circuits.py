@@ -225,7 +225,7 @@ def test_eap_ig_matches_a_hand_written_integral(models):
     assert want_q.abs().max() > 1e-6 and want_m.abs().max() > 1e-6
 
 
-def _manual_circuit_metric(hf, graph, on, clean, corrupted):
+def _manual_circuit_metric(hf, graph, on, clean, corrupted, ablation="corrupted"):
     """An independent circuit evaluation: a hand-written float64 GPT-2 forward (every reader's input is the
     normalisation - LN-free the identity, else a folded LayerNorm - of the constant biases plus the sum of its
     writers' outputs) from the HF modules' own weights. Reader r takes writer w's running output if ``on[w, r]``
@@ -245,11 +245,12 @@ def _manual_circuit_metric(hf, graph, on, clean, corrupted):
 
         def read(ri):
             ws = range(len(outs))
-            return norm(const + sum(outs[w] if ablated is None or on[w, ri] else ablated[w] for w in ws))
+            full = torch.zeros(B, P, d, dtype=torch.float64) + const  # mean-ablated writers broadcast over [B, P]
+            return norm(full + sum(outs[w] if ablated is None or on[w, ri] else ablated[w] for w in ws))
 
         causal = torch.ones(P, P).tril().bool()
         for layer, blk in enumerate(t.h):
-            start, _ = graph.reader_slice(layer)
+            start = graph.reader_start(layer)
             Wa, ba = blk.attn.c_attn.weight, blk.attn.c_attn.bias
             heads = []
             for h in range(H):
@@ -268,8 +269,12 @@ def _manual_circuit_metric(hf, graph, on, clean, corrupted):
         return logits, outs
 
     with torch.no_grad():
-        _, corrupted_outs = forward(corrupted)
-        logits, _ = forward(clean, ablated=corrupted_outs)
+        if ablation == "mean":
+            _, clean_outs = forward(clean)
+            ablated = [o.mean((0, 1), keepdim=True) for o in clean_outs]
+        else:
+            _, ablated = forward(corrupted)
+        logits, _ = forward(clean, ablated=ablated)
     rows = torch.arange(clean.shape[0])
     return logits[rows, -1, torch.tensor(ANSWER)] - logits[rows, -1, WRONG]
 
@@ -287,11 +292,13 @@ def test_partial_circuits_match_a_hand_written_forward(models, encoding):
     gen = torch.Generator().manual_seed(0)
     near_full = [e for e in graph.edges if torch.rand(1, generator=gen) > 0.05]
     circuits = [eap.top_edges(5), eap.top_edges(40), eap.top_edges(graph.n_edges // 2), near_full]
-    curve = L.faithfulness_curve(hf, circuits, clean, corrupted, metric, progress=False)
-    for circuit, got in zip(circuits, curve["metrics"]):
-        want = _manual_circuit_metric(hf, graph, graph.mask(circuit), clean, corrupted)
-        assert (got - want).abs().max() <= 1e-10, len(circuit)
-    assert len({round(float(m.mean()), 6) for m in curve["metrics"]}) == 4  # four different answers
+    for ablation, batch_size in (("corrupted", 64), ("mean", 1)):  # batch_size 1: one prompt x circuit per pass
+        curve = L.faithfulness_curve(hf, circuits, clean, corrupted, metric, ablation=ablation, batch_size=batch_size,
+                                     progress=False)
+        for circuit, got in zip(circuits, curve["metrics"]):
+            want = _manual_circuit_metric(hf, graph, graph.mask(circuit), clean, corrupted, ablation)
+            assert (got - want).abs().max() <= 1e-10, (ablation, len(circuit))
+        assert len({round(float(m.mean()), 6) for m in curve["metrics"]}) == 4  # four different answers
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -451,3 +458,39 @@ def test_bad_circuits_and_metrics_found_by_a_new_user(models):
             L.n_edges(*shape)
     with pytest.raises(LNFreeError, match="the metric itself is NaN"):
         L.edge_attribution(model, clean, corrupted, lambda lg: lg[:, -1, 0] * float("nan"))
+
+
+def test_circuits_as_boolean_masks_batch_size_and_padded_mean_ablation(models):
+    """A boolean [writers, readers] mask is the same circuit as its edge list (invalid entries dropped); a mask of
+    another shape, and batch_size < 1 or not an int, are refused; mean ablation averages each writer over the
+    real tokens only (checked against a hand mean on a padded batch)."""
+    from lnfree_interp.backends import get_backend
+    from lnfree_interp.faithfulness import _Ablated
+
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    metric = logit_diff(ANSWER, WRONG)
+    graph = Graph(2, 4)
+    edges = L.edge_attribution(model, clean, corrupted, metric).top_edges(12)
+    by_list = L.evaluate_circuit(model, edges, clean, corrupted, metric)["metric"]
+    by_mask = L.evaluate_circuit(model, graph.mask(edges) | ~graph.valid, clean, corrupted, metric)["metric"]
+    assert torch.equal(by_list, by_mask)
+    with pytest.raises(LNFreeError, match=r"\[writers, readers\]"):
+        L.evaluate_circuit(model, torch.ones(3, 3, dtype=torch.bool), clean, corrupted, metric)
+    for bad in (0, "8", True):
+        with pytest.raises(LNFreeError, match="batch_size"):
+            L.evaluate_circuit(model, edges, clean, corrupted, metric, batch_size=bad)
+
+    backend = get_backend(model)
+    mask = torch.ones_like(clean)
+    mask[0, 8:] = 0  # prompt 0 has 8 real tokens (right padding)
+    names = _Ablated.hooks(2)
+    acts = backend.run(clean, mask, capture=names).acts
+    mean = _Ablated(backend, acts, weight=mask)
+    real = mask.bool()
+    embed = (acts["hook_embed"] + acts["hook_pos_embed"])[real].mean(0)
+    assert (mean.embed.reshape(-1) - embed).abs().max() <= 1e-12
+    assert (mean.mlp[1].reshape(-1) - acts["blocks.1.hook_mlp_out"][real].mean(0)).abs().max() <= 1e-12
+    head = acts["blocks.1.attn.hook_z"][..., 2, :] @ backend.weights().W_O[1][2]
+    assert (mean.one(1 + 5 + 2).reshape(-1) - head[real].mean(0)).abs().max() <= 1e-12  # L1H2: writer 1 + 5 + 2
+    assert (mean.one(1 + 5 + 2).reshape(-1) - head.mean((0, 1))).abs().max() > 1e-6  # padding would change it
