@@ -174,12 +174,14 @@ def test_full_and_empty_circuits(models, encoding, ablation):
     assert (one["metric"] - curve["metrics"][1]).abs().max() <= 1e-10
 
 
-def test_eap_ig_matches_a_hand_written_integral(models):
+@pytest.mark.parametrize("encoding", ["schaeff", "layernorm"])
+def test_eap_ig_matches_a_hand_written_integral(models, encoding):
     """EAP-IG of a q edge and an MLP edge against integrated gradients by hand: HF ``inputs_embeds``
     interpolated between the corrupted and clean token embeddings (alpha = k/steps, k = 1..steps), the
-    gradient at the reader's input taken from HF's own modules (float64, 1e-10)."""
-    model = L.load_hf(models["schaeff"], dtype=torch.float64)
-    clean, corrupted = _pair(models["schaeff"].config.vocab_size)
+    gradient at the reader's input taken from HF's own modules, pulled back through the LayerNorm module by
+    autograd on the LN baseline (each step's own LayerNorm input) (float64, 1e-10)."""
+    model = L.load_hf(models[encoding], dtype=torch.float64, expect_lnfree=encoding != "layernorm")
+    clean, corrupted = _pair(models[encoding].config.vocab_size)
     metric = logit_diff(ANSWER, WRONG)
     steps, H, d = 4, 4, 64
     dh = d // H
@@ -207,22 +209,31 @@ def test_eap_ig_matches_a_hand_written_integral(models):
     for k in range(1, steps + 1):
         emb = (wte[corrupted] + k / steps * (wte[clean] - wte[corrupted])).detach()
         box = {}
-        h1 = blocks[1].attn.c_attn.register_forward_hook(lambda m, a, o: box.update(x=a[0], qkv=o))
-        h2 = blocks[1].mlp.register_forward_hook(lambda m, a, o: box.update(m=a[0]))
+        hooks = [blocks[1].attn.c_attn.register_forward_hook(lambda m, a, o: box.update(qkv=o)),
+                 blocks[1].mlp.register_forward_hook(lambda m, a, o: box.update(m=a[0])),
+                 blocks[1].ln_1.register_forward_pre_hook(lambda m, a: box.update(r1=a[0].detach())),
+                 blocks[1].ln_2.register_forward_pre_hook(lambda m, a: box.update(r2=a[0].detach()))]
         logits = model(inputs_embeds=emb).logits
-        h1.remove()
-        h2.remove()
+        for h in hooks:
+            h.remove()
         m = (logits[rows, -1, torch.tensor(ANSWER)] - logits[rows, -1, WRONG]).sum()
         g_qkv, g_m = torch.autograd.grad(m, [box["qkv"], box["m"]])
         # the reader L1H1.q sees its input only through head 1's query columns of c_attn
-        grads["q"] = grads["q"] + g_qkv[..., dh:2 * dh] @ blocks[1].attn.c_attn.weight[:, dh:2 * dh].T / steps
-        grads["mlp"] = grads["mlp"] + g_m / steps  # ln_2 is the identity LN-free
+        g_q = g_qkv[..., dh:2 * dh] @ blocks[1].attn.c_attn.weight[:, dh:2 * dh].T
+        grads["q"] = grads["q"] + _pull_back(blocks[1].ln_1, box["r1"], g_q) / steps
+        grads["mlp"] = grads["mlp"] + _pull_back(blocks[1].ln_2, box["r2"], g_m) / steps
     want_q = ((head_out(corrupted) - head_out(clean)) * grads["q"]).sum((1, 2))
     want_m = ((mlp_out(corrupted) - mlp_out(clean)) * grads["mlp"]).sum((1, 2))
     labels = [e.label for e in got.edges]
     assert (got.values[labels.index("L0H2->L1H1.q")] - want_q).abs().max() <= 1e-10
     assert (got.values[labels.index("0_mlp_out->1_mlp_in")] - want_m).abs().max() <= 1e-10
     assert want_q.abs().max() > 1e-6 and want_m.abs().max() > 1e-6
+
+
+def _pull_back(ln, x, grad_out):
+    """d/dx of grad_out . ln(x) by autograd through the model's own LayerNorm module (identity LN-free)."""
+    x = x.clone().requires_grad_(True)
+    return torch.autograd.grad(ln(x), x, grad_outputs=grad_out)[0]
 
 
 def _manual_circuit_metric(hf, graph, on, clean, corrupted, ablation="corrupted"):
@@ -494,3 +505,22 @@ def test_circuits_as_boolean_masks_batch_size_and_padded_mean_ablation(models):
     head = acts["blocks.1.attn.hook_z"][..., 2, :] @ backend.weights().W_O[1][2]
     assert (mean.one(1 + 5 + 2).reshape(-1) - head[real].mean(0)).abs().max() <= 1e-12  # L1H2: writer 1 + 5 + 2
     assert (mean.one(1 + 5 + 2).reshape(-1) - head.mean((0, 1))).abs().max() > 1e-6  # padding would change it
+
+
+def test_eap_on_padded_pairs_equals_each_prompt_alone(models):
+    """Right-padded pairs whose padding differs between clean and corrupted: each prompt's EAP scores equal those
+    of that prompt alone, unpadded (float64, 1e-10); padding never contributes (nor turns into NaN)."""
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    vocab = models["schaeff"].config.vocab_size
+    clean, corrupted = _pair(vocab)
+    mask = torch.ones_like(clean)
+    mask[0, 8:] = 0
+    corrupted[0, 8:] = (clean[0, 8:] + 1) % vocab  # junk after the end differs between the two
+    for method in ("eap", "eap-ig"):
+        both = L.edge_attribution(model, clean, corrupted, logit_diff(ANSWER, WRONG), method=method, steps=2,
+                                  attention_mask=mask, corrupted_attention_mask=mask)
+        assert bool(torch.isfinite(both.values).all())
+        for b, n in ((0, 8), (1, 12)):
+            alone = L.edge_attribution(model, clean[b:b + 1, :n], corrupted[b:b + 1, :n],
+                                       logit_diff(ANSWER[b], WRONG), method=method, steps=2)
+            assert (both.values[:, b] - alone.values[:, 0]).abs().max() <= 1e-10, (method, b)
