@@ -114,7 +114,7 @@ def edge_attribution(
     r_clean, r_corr = readout(bind_metric(metric, backend, mask)), readout(bind_metric(metric, backend, c_mask))
     L = backend.n_layers
     wnames, rnames = writer_hooks(L), reader_hooks(L)
-    grad_names = [n for n in rnames if "resid_pre" not in n and "resid_mid" not in n]
+    grad_names = [n for n in rnames if not n.endswith(("hook_resid_pre", "hook_resid_mid"))]
     with torch.no_grad():
         corr = backend.run(c_tokens, c_mask, capture=wnames, **r_corr)
     # the clean run is EAP's only gradient pass and EAP-IG's last step (alpha = 1: the clean embeddings)
@@ -142,7 +142,7 @@ def edge_attribution(
     valid_pos = (mask.bool() & c_mask.bool()).to(clean_run.acts["hook_embed"].dtype)  # [B, P]
     with torch.no_grad():
         delta = writer_outputs(backend, corr.acts, minus=clean_run.acts)  # [B, W, P, d]
-        if not bool(valid_pos.all()):
+        if not bool(valid_pos.all()):  # pragma: no mutate (padding's gradient is 0 today; kept as a guard)
             delta *= valid_pos[:, None, :, None]
         W, R = len(graph.writers), len(graph.readers)
         B, P = tokens.shape
@@ -152,7 +152,7 @@ def edge_attribution(
         # views of prompt-major tensors: no copy)
         for layer in [*range(L), None]:
             parts = reader_grads(backend, runs[0].acts, runs[0].grads, layer)  # [r, B, P, d] blocks
-            if len(runs) > 1:  # EAP-IG on an LN baseline: the mean over the steps (out of place: views of grads)
+            if len(runs) > 1:  # pragma: no mutate (EAP-IG on an LN baseline: the mean over the steps, out of place)
                 for run in runs[1:]:
                     parts = [p + q for p, q in zip(parts, reader_grads(backend, run.acts, run.grads, layer))]
                 parts = [p / len(runs) for p in parts]
@@ -166,7 +166,6 @@ def edge_attribution(
                     scores = torch.bmm(delta[:, :n].reshape(B, n, -1), g.reshape(g.shape[0], B, -1).permute(1, 2, 0))
                     dense[:n, start:stop] = scores.permute(1, 2, 0)
                 start = stop
-        dense[~graph.valid] = 0
         values = dense[graph.edge_index]  # [E, (P,) B]
     linear = bool(getattr(metric, "linear", False))
     # into the logits the gradient is constant for a linear metric on an LN-free model: EAP and EAP-IG are exact
@@ -236,7 +235,7 @@ def edge_patching(
     if len(set(chosen)) != len(chosen):
         raise LNFreeError("edges lists some edge more than once; pass each edge once.")
     graph.mask(chosen)  # validates
-    if is_loader(clean) or prepare_count(backend, clean) > batch_size:  # stream the prompts
+    if is_loader(clean) or prepare_count(backend, clean) > batch_size:  # pragma: no mutate (streams; same numbers)
         return stream_pairs(edge_patching, model, clean, corrupted, metric, chunk=batch_size, show_progress=progress,
                             attention_mask=attention_mask, corrupted_attention_mask=corrupted_attention_mask,
                             edges=chosen, batch_size=batch_size, progress=False)
@@ -250,11 +249,12 @@ def edge_patching(
         delta = writer_outputs(backend, corr.acts, minus=clean_run.acts)  # [B, W, P, d]
         m_clean = clean_run.metric
         assert m_clean is not None  # the run was given a metric
-        copies = max(1, batch_size // B)
+        copies = max(1, batch_size // B)  # pragma: no mutate (edges per pass)
         effects = torch.empty(len(chosen), B, dtype=m_clean.dtype, device=m_clean.device)
         chunks = range(0, len(chosen), copies)
         H = backend.n_heads
-        for start in tqdm(chunks, desc="edge patching", disable=not progress or len(chunks) < 3, mininterval=1.0):
+        for start in tqdm(chunks, desc="edge patching", disable=not progress or len(chunks) < 3,  # pragma: no mutate
+                          mininterval=1.0):  # pragma: no mutate (the bar)
             chunk = chosen[start:start + copies]
             J = len(chunk)
             by_reader: dict[tuple[int | None, str], list[tuple[int, int, int | None]]] = {}
