@@ -74,7 +74,8 @@ class EdgeResult:
         return [e for e in self.edges if e.reader.kind in self.exact_readers]
 
     def to_dataframe(self):
-        """One row per edge: ``edge, writer, reader, reader_kind, layer_from, layer_to, mean, abs_mean, exact``."""
+        """One row per edge: ``edge, writer, reader, reader_kind, writer_layer, reader_layer, mean, abs_mean, exact``
+        (the layers are NaN for ``embed`` and ``logits``, which have none)."""
         import pandas as pd
 
         score = self._score().detach().double().cpu()

@@ -18,6 +18,7 @@ from .errors import LNFreeError
 from .graph import Graph, Rebuild, graph_of
 from .inputs import pair_inputs
 from .metrics import bind_metric, readout
+from .nodes import Edge
 
 # --------------------------------------------------------------------------------------------
 # Circuit evaluation and faithfulness
@@ -31,7 +32,7 @@ def _circuit_masks(graph: Graph, circuits: Sequence[Any]) -> Tensor:
         if c is None or (torch.is_tensor(c) and c.dtype != torch.bool):
             raise LNFreeError("A circuit is a list of edges (e.g. result.top_edges(50)) or a boolean [writers, readers]"
                               f" mask; got {'None' if c is None else f'a {c.dtype} tensor'}.")
-        if isinstance(c, EdgeResult) or isinstance(c, str):
+        if isinstance(c, (EdgeResult, str, Edge)):
             raise LNFreeError("A circuit is a list of edges (e.g. result.top_edges(50)) or a [writers, readers] "
                               "boolean mask; for the top-n edges of a result at several n use "
                               "faithfulness_curve(model, (result, [n1, n2, ...]), ...).")
@@ -261,11 +262,15 @@ def faithfulness_curve(
     graph = graph_of(backend)
     if isinstance(circuits, tuple) and len(circuits) == 2 and isinstance(circuits[0], EdgeResult):
         result, sizes = circuits
+        if not isinstance(sizes, (list, tuple, range)) or isinstance(sizes, str):
+            raise LNFreeError(f"faithfulness_curve(model, (result, sizes), ...) takes a list of sizes, e.g. "
+                              f"(result, [10, 50, 200]); got {sizes!r}.")
         circuits = [result.top_edges(int(n)) for n in sizes]
-    if circuits is None or isinstance(circuits, (str, EdgeResult)) or torch.is_tensor(circuits):
+    flat = isinstance(circuits, (list, tuple)) and bool(circuits) and isinstance(circuits[0], (str, Edge))
+    if circuits is None or isinstance(circuits, (str, Edge, EdgeResult)) or torch.is_tensor(circuits) or flat:
         raise LNFreeError("faithfulness_curve takes a list of circuits (each a list of edges or a boolean mask), or "
                           "(result, [n1, n2, ...]) for the top-n edges of a result; for one circuit use "
-                          "evaluate_circuit.")
+                          "evaluate_circuit, or wrap it: [edges].")
     masks = _circuit_masks(graph, list(circuits))
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)

@@ -473,6 +473,14 @@ def test_bad_circuits_and_metrics_found_by_a_new_user(models):
         L.faithfulness_curve(model, None, clean, corrupted, metric, progress=False)
     with pytest.raises(LNFreeError, match="boolean"):
         L.evaluate_circuit(model, torch.ones(Graph(2, 4).valid.shape), clean, corrupted, metric)
+    # found by a new user (2026-12-03): raw TypeErrors before
+    eap = L.edge_attribution(model, clean, corrupted, metric)
+    with pytest.raises(LNFreeError, match="list of edges"):
+        L.evaluate_circuit(model, L.Edge.parse("L1H1->logits"), clean, corrupted, metric)
+    with pytest.raises(LNFreeError, match=r"wrap it: \[edges\]"):
+        L.faithfulness_curve(model, eap.top_edges(5), clean, corrupted, metric, progress=False)
+    with pytest.raises(LNFreeError, match="list of sizes"):
+        L.faithfulness_curve(model, (eap, 10), clean, corrupted, metric, progress=False)
     for shape in ((-1, 2), (0, 0), (2, 0)):
         with pytest.raises(LNFreeError, match="at least one layer"):
             L.n_edges(*shape)
