@@ -39,7 +39,8 @@ def hook_names(backend: Backend, by: str, layers: list[int]) -> list[str]:
 
 
 def capture(backend: Backend, tokens: Tensor, mask: Tensor, pos: Tensor, names: list[str],
-             answer: Tensor, wrong: Tensor | None, sums: bool = False) -> Capture:
+             answer: Tensor, wrong: Tensor | None,
+             sums: bool = False) -> Capture:  # pragma: no mutate (True only adds unread totals)
     """One no-grad forward, keeping only each hook's activation at ``pos`` (and optionally its sum
     over real tokens): memory is O(batch * d) per hook, never a full cache."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
@@ -79,10 +80,10 @@ class Components:
 
 
 def components(backend: Backend, by: str, layers: list[int], acts: dict[str, Tensor],
-                sums: bool = False, count: int = 1, fold_value_bias: bool = False) -> Components:
-    """Assemble the components from captured activations (``sums=True``: from token sums / count)."""
+               fold_value_bias: bool) -> Components:
+    """Assemble the components from captured activations ``[B, ...]`` (or their means ``[...]``)."""
     w = backend.weights()
-    get = (lambda n: acts[n] / count) if sums else (lambda n: acts[n])
+    get = acts.__getitem__
     first = get("hook_embed")
     lead = first.shape[:-1]  # [B] or [] for means
     labels, vecs = ["embed", "pos_embed"], [first, get("hook_pos_embed")]
@@ -112,52 +113,40 @@ def components(backend: Backend, by: str, layers: list[int], acts: dict[str, Ten
     return Components(labels, torch.stack(vecs), n_labels, n_acts, n_W)
 
 
-def dots(comp: Components, delta: Components | None, direction: Tensor, centred_r: Tensor | None,
-          vectors: bool = True):
-    """Per component and prompt: ``a = du . u0`` and, for LN models, ``b = Cr . du``, ``c = |C du|^2``.
+def neuron_dots(comp: Components, delta: Components | None, direction: Tensor, centred_r: Tensor | None):
+    """Per neuron and prompt: ``a = du . u0`` and, for LN models, ``b = Cr . du``, ``c = |C du|^2``.
 
-    ``du`` is the component itself (``delta=None``) or its change to the ablated value;
-    ``direction`` [B, d] is ``u`` (LN-free) or ``C u``. ``vectors=False``: neuron groups only.
+    ``du`` is the neuron's write (``delta=None``) or its change to the ablated value, kept factored as
+    activation times a row of ``W_out`` (no ``[neurons, batch, d_model]`` stack); ``direction`` [B, d]
+    is ``u`` (LN-free) or ``C u``. ``b``/``c`` are ``None`` without ``centred_r`` (LN-free).
     """
     a, b, c = [], [], []
-    if vectors:
-        vec = comp.vectors if delta is None else comp.vectors - delta.vectors
-        a.append(torch.einsum("cbd,bd->cb", vec, direction))
-        if centred_r is not None:
-            cvec = vec - vec.mean(-1, keepdim=True)
-            b.append(torch.einsum("cbd,bd->cb", cvec, centred_r))
-            c.append(cvec.pow(2).sum(-1))
     for i, (act, W) in enumerate(zip(comp.neuron_acts, comp.neuron_W)):
         dact = (act if delta is None else act - delta.neuron_acts[i]).T  # [N, B]
         a.append(dact * (W @ direction.T))
         if centred_r is not None:
-            cW = W - W.mean(-1, keepdim=True)
+            cW = W - W.mean(1, keepdim=True)  # [N, d]
             b.append(dact * (cW @ centred_r.T))
-            c.append(dact.pow(2) * cW.pow(2).sum(-1, keepdim=True))
+            c.append(dact.pow(2) * cW.pow(2).sum(1, keepdim=True))
     cat = lambda xs: torch.cat(xs, 0) if xs else None  # noqa: E731
     return cat(a), cat(b), cat(c)
 
 
-def top_k(labels: list[str], values: list[Tensor], k: int | None, comp: Components) -> tuple[list[str], list[Tensor]]:
-    """Keep the ``k`` neurons with the largest mean |value| (over the first tensor); fold the rest
-    into one ``{l}_mlp_rest`` row per layer so sums stay exact."""
+def top_k(labels: list[str], values: Tensor, k: int | None, comp: Components) -> tuple[list[str], Tensor]:
+    """Keep the ``k`` neurons with the largest mean |value| over prompts (``values [C, B]``); fold the
+    rest into one ``{l}_mlp_rest`` row per layer so sums stay exact."""
     n_fixed = len(comp.labels)
-    neuron_labels = [lab for group in comp.neuron_labels for lab in group]
-    if k is None or k >= len(neuron_labels):
+    if k is None or k >= values.shape[0] - n_fixed:
         return labels, values
-    score = values[0][n_fixed:].abs().mean(-1)
+    score = values[n_fixed:].abs().mean(-1)  # pragma: no mutate (a sum over prompts ranks alike)
     keep = set(score.topk(k).indices.tolist())
-    out_labels = labels[:n_fixed]
     keep_idx = [n_fixed + i for i in sorted(keep)]
-    rest_rows = []
+    rest_labels, rest = [], []
     offset = n_fixed
     for group in comp.neuron_labels:
         idx = [offset + i for i in range(len(group)) if (offset - n_fixed + i) not in keep]
-        rest_rows.append((f"{label_layer(group[0])}_mlp_rest", idx))
+        rest_labels.append(f"{label_layer(group[0])}_mlp_rest")
+        rest.append(values[idx].sum(0))  # a layer whose neurons are all kept: a row of zeros
         offset += len(group)
-    out_labels = out_labels + [labels[i] for i in keep_idx] + [name for name, _ in rest_rows]
-    out_values = []
-    for v in values:
-        rest = [v[idx].sum(0) if idx else torch.zeros_like(v[0]) for _, idx in rest_rows]
-        out_values.append(torch.cat([v[:n_fixed], v[keep_idx], torch.stack(rest)], 0))
-    return out_labels, out_values
+    return (labels[:n_fixed] + [labels[i] for i in keep_idx] + rest_labels,
+            torch.cat([values[:n_fixed], values[keep_idx], torch.stack(rest)], 0))

@@ -46,14 +46,14 @@ HACK_MIN_EPS = 1e6
 HACK_MIN_GAIN = 1e-4
 #: float64 elements folded per step (a block of whole columns), to bound the scratch memory and
 #: keep it in cache (2**18 elements = 2 MiB).
-_BLOCK = 1 << 18
+_BLOCK = 1 << 18  # pragma: no mutate (the result does not depend on the block size; tested)
 #: dtypes whose range is narrower than float32's for folded weights (overflow checked)
 _NARROW = (torch.float16, torch.bfloat16)
 
 ENCODINGS = ("schaeff", "apollo", "layernorm", "folded")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # pragma: no mutate (frozen: a guard against edits, not maths)
 class LNState:
     """One LayerNorm of a checkpoint as found on disk or in memory."""
 
@@ -150,7 +150,7 @@ def _cast(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     float64), where a finite input can become inf."""
     out = t.to(dtype)
     from_double = t.dtype == torch.float64 and dtype != t.dtype  # pragma: no mutate (`or` only checks more)
-    narrows = out.is_floating_point() and (dtype in _NARROW or from_double)
+    narrows = out.is_floating_point() and (dtype in _NARROW or from_double)  # pragma: no mutate (True: cost only)
     if narrows and not bool(torch.isfinite(out).all()):
         raise LNFreeError(
             f"{name} overflows in {dtype} after folding (largest |value| {t.abs().max().item():.3g}). "

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .backends import Backend, eval_mode, get_backend
 from .errors import LNFreeError
+from .inputs import get_tokenizer
 
 __all__ = ["InductionResult", "induction_score", "repeated_tokens"]
 
@@ -190,7 +191,7 @@ def repeated_tokens(
     Tokens come uniformly from the vocabulary without special tokens, or, with ``text``, from the distinct
     tokens of ``text`` (tokenized without BOS). Returns ``(tokens, source)``.
     """
-    tok = backend.tokenizer
+    tok = get_tokenizer(backend.model)
     special = set(getattr(tok, "all_special_ids", None) or []) if tok is not None else set()
     bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     if prepend_bos and bos is None:

@@ -110,13 +110,14 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
                 mask = mask[None]
             if mask.shape != tokens.shape:
                 raise LNFreeError(f"attention_mask has shape {tuple(mask.shape)} but tokens {tuple(tokens.shape)}.")
-            if bool((mask.sum(-1) == 0).any()):
+            if not bool(mask.bool().any(1).all()):
                 raise LNFreeError("A prompt's attention_mask is all zeros (no real tokens).")
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise LNFreeError(f"attention_mask must hold only 0 and 1, got values {mask.unique().tolist()}.")
-            edges = torch.nn.functional.pad(mask, (1, 1)).diff(dim=-1)
-            if bool(((edges == 1).sum(-1) != 1).any()):
-                rows = torch.nonzero((edges == 1).sum(-1) != 1).flatten().tolist()
+            padded = torch.nn.functional.pad(mask, (1, 0))  # pragma: no mutate (any zero columns first count alike)
+            starts = (padded.diff(dim=1) == 1).sum(1)  # blocks of real tokens per prompt
+            if bool((starts != 1).any()):
+                rows = torch.nonzero(starts != 1).flatten().tolist()
                 raise LNFreeError(f"attention_mask rows {rows[:5]} have gaps: each prompt's real tokens must be one "
                                   "contiguous block (left or right padding).")
     real = tokens[mask.bool()]
@@ -126,7 +127,7 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
     if tokens.shape[1] > backend.n_ctx:
         raise LNFreeError(f"Sequence length {tokens.shape[1]} exceeds the model's context n_ctx={backend.n_ctx}; "
                           "truncate the prompts.")
-    tokens = tokens.masked_fill(~mask.bool(), 0)  # padding ids are arbitrary: make them valid
+    tokens = tokens.masked_fill(~mask.bool(), 0)  # pragma: no mutate (padding ids are arbitrary: any valid id)
     return tokens.to(backend.device), mask.to(backend.device)
 
 
@@ -152,14 +153,14 @@ def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
     if pos_t.numel() != batch:
         raise LNFreeError(f"Got {pos_t.numel()} positions for {batch} prompts; pass one int or one per prompt.")
     pos_t = pos_t.to(mask.device)
-    lengths = mask.sum(-1)
+    lengths = mask.sum(1)
     real_idx = torch.where(pos_t < 0, lengths + pos_t, pos_t)  # index among real tokens
     if bool(((real_idx < 0) | (real_idx >= lengths)).any()):
         raise LNFreeError(f"pos={pos} is outside the prompt(s) (real lengths {lengths.tolist()}).")
     # map the k-th real token to its column (handles left and right padding)
-    cum = mask.long().cumsum(-1) - 1
+    cum = mask.long().cumsum(1) - 1
     hit = (cum == real_idx[:, None]) & mask.bool()
-    return hit.float().argmax(-1)
+    return hit.float().argmax(1)
 
 
 def as_list(token: Any, what: str = "answer") -> list:
@@ -168,9 +169,7 @@ def as_list(token: Any, what: str = "answer") -> list:
     Raises:
         LNFreeError: anything else (``None``, floats, a 2-D tensor...).
     """
-    if isinstance(token, (str, numbers.Integral)) and not isinstance(token, bool):
-        items = [token]
-    elif torch.is_tensor(token) or hasattr(token, "__array__"):
+    if torch.is_tensor(token) or hasattr(token, "__array__"):
         t = torch.as_tensor(token)
         if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
             raise LNFreeError(f"{what} must be one token id per prompt: got a {t.dtype} tensor of shape "
@@ -250,8 +249,7 @@ def pair_inputs(backend: Any, clean: Any, corrupted: Any, attention_mask: Tensor
 
 def prepare_count(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> int:
     """Number of prompts in ``inputs`` (without tokenizing a list of strings)."""
-    if isinstance(inputs, str):
-        return 1
     if isinstance(inputs, (list, tuple)):
         return len(inputs)
-    return int(prepare(backend, inputs, attention_mask)[0].shape[0])
+    tokens, _ = prepare(backend, inputs, attention_mask)
+    return len(tokens)

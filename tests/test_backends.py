@@ -6,6 +6,7 @@ import torch
 import lnfree_interp as L
 from lnfree_interp import LNFreeError
 from lnfree_interp.backends import get_backend
+from lnfree_interp.backends.tl import has_hooked_transformer
 
 from .conftest import LOADERS, load
 
@@ -190,3 +191,127 @@ def test_replacing_the_residual_stream_reaches_the_skip_connection(loader, site,
         ref = get_backend(load("bridge", models[encoding], dtype=torch.float64, expect_lnfree=lnfree))
         logits = ref.run(tokens, None, hooks={site: lambda a: torch.zeros_like(a)}).logits
         assert (zeroed.logits - logits).abs().max() <= 1e-10, (site, encoding)
+
+
+def test_only_folded_layernorms_and_identities_are_read(models):
+    """A LayerNorm with any unfolded gain or bias, or a module of another kind (parameter-free or not),
+    is refused: the backend never guesses what a normalisation site computes."""
+    import copy
+
+    from torch import nn
+
+    base = L.load_hf(models["layernorm"], dtype=torch.float64, expect_lnfree=False)
+    assert not get_backend(base).lnfree
+    for attr, value in (("weight", 2.0), ("bias", 0.5)):
+        bad = copy.deepcopy(base)
+        with torch.no_grad():
+            getattr(bad.transformer.h[1].ln_2, attr).fill_(value)
+        with pytest.raises(LNFreeError, match=r"h\[1\]\.ln_2 is a LayerNorm with an unfolded affine map"):
+            get_backend(bad).norms()
+
+    class ParameterFreeNorm(nn.Module):
+        def forward(self, x):
+            return x / x.norm(dim=-1, keepdim=True)
+
+    free = L.load_hf(models["schaeff"], dtype=torch.float64)
+    assert get_backend(free).lnfree
+    for module in (nn.Tanh(), ParameterFreeNorm(), nn.Linear(64, 64)):
+        bad = copy.deepcopy(free)
+        bad.transformer.ln_f = module
+        with pytest.raises(LNFreeError, match=f"ln_f is a {type(module).__name__}, not a folded LayerNorm"):
+            get_backend(bad).norms()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_residual_hooks_name_the_right_layer_on_a_deeper_model(loader):
+    """On a 3-layer model (with 2 layers, layer + 1 and layer - 1 name the same block): every layer's
+    hook_resid_post is the next layer's hook_resid_pre, and equals resid_pre + attn_out + mlp_out."""
+    from .conftest import hack_schaeff, random_gpt2
+
+    src = hack_schaeff(random_gpt2(300, n_layer=3))
+    backend = get_backend(load(loader, src, dtype=torch.float64))
+    tokens = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(3))
+    names = [f"blocks.{layer}.{h}" for layer in range(3)
+             for h in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
+    acts = backend.run(tokens, None, capture=names).acts
+    for layer in range(3):
+        a = lambda h, layer=layer: acts[f"blocks.{layer}.{h}"]  # noqa: E731
+        expected = a("hook_resid_pre") + a("hook_attn_out") + a("hook_mlp_out")
+        assert (a("hook_resid_post") - expected).abs().max() <= 1e-10, layer
+        if layer < 2:
+            assert torch.equal(a("hook_resid_post"), acts[f"blocks.{layer + 1}.hook_resid_pre"]), layer
+    w = backend.weights()
+    assert (acts["blocks.2.hook_resid_post"] @ w.W_U + w.b_U - backend.forward(tokens, None)).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_two_hooks_on_one_site_chain_and_capture_hooks_change_nothing(loader, models):
+    """``blocks.0.hook_resid_post`` and ``blocks.1.hook_resid_pre`` are one tensor: a replacement by the first
+    is what the second sees; hooks that return None (capture) leave the logits bit for bit."""
+    backend = get_backend(load(loader, models["schaeff"], dtype=torch.float64))
+    tokens = torch.randint(0, backend.d_vocab, (2, 6), generator=torch.Generator().manual_seed(4))
+    plain = backend.forward(tokens, None).detach()
+    seen = {}
+    hooks = {n: (lambda a, n=n: seen.__setitem__(n, a.clone())) for n in
+             ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.0.attn.hook_z",
+              "blocks.1.attn.hook_q", "hook_embed")}
+    assert torch.equal(backend.run(tokens, None, hooks=hooks).logits, plain)
+    assert torch.equal(seen["blocks.0.hook_resid_post"], seen["blocks.1.hook_resid_pre"])
+    doubled = backend.run(tokens, None, hooks={"blocks.0.hook_resid_post": lambda a: 2 * a,
+                                               "blocks.1.hook_resid_pre": lambda a: seen.__setitem__("x", a.clone())})
+    assert torch.equal(seen["x"], 2 * seen["blocks.1.hook_resid_pre"])
+    assert (doubled.logits - plain).abs().max() > 1e-3
+    # the seam's own hooks() (no run() around them): hooks may return None on residual sites too
+    with torch.no_grad(), backend.hooks({"blocks.0.hook_resid_post": lambda a: 2 * a,
+                                         "blocks.1.hook_resid_pre": lambda a: None}):
+        assert torch.equal(backend.forward(tokens, None), doubled.logits)
+    with torch.no_grad(), backend.hooks({"blocks.1.hook_resid_pre": lambda a: None,
+                                         "blocks.1.hook_resid_mid": lambda a: None}):
+        assert torch.equal(backend.forward(tokens, None), plain)
+
+
+@pytest.mark.parametrize("loader", ["hf", "nnsight"])
+def test_attention_pattern_hooks_on_transformers_models(loader, models):
+    """hook_pattern needs the eager attention: it is switched on for the run and the model's own setting
+    (sdpa by default) comes back after it; runs without pattern hooks keep sdpa; the pattern is read-only."""
+    model = load(loader, models["schaeff"], dtype=torch.float64)
+    backend = get_backend(model)
+    config = backend.hf.config
+    assert config._attn_implementation == "sdpa"
+    tokens = torch.randint(0, backend.d_vocab, (2, 6), generator=torch.Generator().manual_seed(5))
+    during = []
+    watch = {"blocks.0.hook_mlp_out": lambda a: during.append(config._attn_implementation)}
+    run = backend.run(tokens, None, hooks=watch, capture=["blocks.1.attn.hook_pattern"])
+    assert during == ["eager"] and config._attn_implementation == "sdpa"
+    pattern = run.acts["blocks.1.attn.hook_pattern"]
+    assert pattern.shape == (2, 4, 6, 6) and (pattern.sum(-1) - 1).abs().max() <= 1e-12
+    during.clear()
+    backend.run(tokens, None, hooks=watch)
+    assert during == ["sdpa"]
+    with pytest.raises(LNFreeError, match="read-only"):
+        backend.run(tokens, None, hooks={"blocks.1.attn.hook_pattern": lambda p: p * 0.5})
+    assert config._attn_implementation == "sdpa"  # restored after the error too
+
+
+@pytest.mark.skipif(not has_hooked_transformer(),
+                    reason="HookedTransformer was removed in TransformerLens 4.0; this case runs in the TL 3.9 lane")
+def test_transformerlens_layernorm_modules_are_read_not_trusted():
+    """A HookedTransformer with normalization_type='LN': refused for the config (its LayerNorm would be
+    applied with weights the backend does not see), and, once a gain or bias differs from 1 / 0, for the
+    unfolded module itself."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=20, act_fn="gelu",
+                                  normalization_type="LN")
+    model = HookedTransformer(cfg)
+    with pytest.raises(LNFreeError, match="normalization_type='LN' but its normalisation modules compute layernorm"):
+        get_backend(model)
+    rms = HookedTransformer(HookedTransformerConfig(**{**cfg.to_dict(), "normalization_type": "RMS"}))
+    with pytest.raises(LNFreeError, match="is a RMSNorm, not a folded LayerNorm"):  # has a `w` too: not a LayerNorm
+        get_backend(rms)
+    for attr in ("w", "b"):
+        bad = HookedTransformer(cfg)
+        with torch.no_grad():
+            getattr(bad.blocks[0].ln2, attr).fill_(2.0)
+        with pytest.raises(LNFreeError, match=r"blocks\.0\.ln2 is a TransformerLens LayerNorm with an unfolded"):
+            get_backend(bad)

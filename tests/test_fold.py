@@ -281,3 +281,75 @@ def test_readers_fold_in_place_only_into_fresh_tensors(models):
     plain = fold_state_dict(sd, model.config.n_layer, lns, tied_unembed=False, copy=False)
     assert all(torch.equal(sd[k], before[k]) for k in sd)
     assert all(torch.equal(plain[k], ref[k]) for k in ref)
+
+
+def _ln_sd(model, weight=None, bias=None):
+    """``model``'s state dict with every LayerNorm weight (and optionally bias) set to a constant."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name in ln_names(model.config.n_layer):
+        if weight is not None:
+            sd[f"{name}.weight"].fill_(weight)
+        if bias is not None:
+            sd[f"{name}.bias"].fill_(bias)
+    return sd
+
+
+def test_classification_thresholds_are_inclusive(models):
+    """eps >= 1e6 with median|w| / sqrt(eps) >= 1e-4 is hacked, at both boundaries exactly; eps 1e6 with
+    unscaled weights is half-hacked; weights of median exactly 1e3 with an ordinary eps are too."""
+    model = models["layernorm"]
+    n = model.config.n_layer
+    at_eps = classify_layernorms(_ln_sd(model, weight=0.5), n, {k: 1e6 for k in ln_names(n)})
+    assert all(ln.hacked for ln in at_eps)
+    at_gain = classify_layernorms(_ln_sd(model, weight=1.0), n, {k: 1e8 for k in ln_names(n)})  # 1 / 1e4 = 1e-4
+    assert all(ln.hacked for ln in at_gain)
+    below = classify_layernorms(_ln_sd(model, weight=0.99), n, {k: 1e8 for k in ln_names(n)})
+    assert not any(ln.hacked for ln in below)
+    sd = _ln_sd(model, weight=1e-5)
+    with pytest.raises(LNFreeError, match="eps >= 1e6 but weights that were not"):
+        detect_encoding(classify_layernorms(sd, n, {k: 1e6 for k in ln_names(n)}), sd)
+    sd = _ln_sd(model, weight=1e3)
+    with pytest.raises(LNFreeError, match="weights scaled by ~1e6 but an ordinary"):
+        detect_encoding(classify_layernorms(sd, n, {k: 1e-5 for k in ln_names(n)}), sd)
+
+
+def test_apollo_needs_both_unit_gains_and_zero_biases(models):
+    """apollo: weight == sqrt(eps) and bias == 0 in every inner LN; either alone is schaeff."""
+    model = models["apollo"]
+    n = model.config.n_layer
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert detect_encoding(classify_layernorms(sd, n, _eps(model)), sd) == "apollo"
+    sd["transformer.h.0.ln_1.bias"][0] = 0.25  # gains still sqrt(eps)
+    assert detect_encoding(classify_layernorms(sd, n, _eps(model)), sd) == "schaeff"
+
+
+def test_float16_overflow_of_a_folded_reader_is_refused(models):
+    """A reader weight that overflows float16 after folding, with a bias that does not, is refused."""
+    model = models["schaeff"]
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["transformer.h.0.ln_2.bias"].zero_()  # so the folded bias (c + b @ W) stays finite
+    sd["transformer.h.0.mlp.c_fc.weight"][:, 3] = 1e7
+    lns = classify_layernorms(sd, model.config.n_layer, _eps(model))
+    with pytest.raises(LNFreeError, match="transformer.h.0.mlp.c_fc overflows in torch.float16"):
+        fold_state_dict(sd, model.config.n_layer, lns, dtype=torch.float16)
+
+
+def test_copy_false_passes_writers_through_and_tied_means_wte(models):
+    """copy=False: writers that need no change are the input tensors themselves (no copy); copy=True never
+    aliases. tied_unembed=True unembeds with wte even where the state dict holds another lm_head;
+    tied_unembed=False without an lm_head falls back to wte."""
+    model = models["schaeff"]
+    n = model.config.n_layer
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lns = classify_layernorms(sd, n, _eps(model))
+    shared = fold_state_dict(sd, n, lns, copy=False)
+    assert shared["transformer.wpe.weight"].data_ptr() == sd["transformer.wpe.weight"].data_ptr()
+    copied = fold_state_dict(sd, n, lns)
+    assert copied["transformer.wpe.weight"].data_ptr() != sd["transformer.wpe.weight"].data_ptr()
+    other = dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"] * 2})
+    tied = fold_state_dict(other, n, lns)  # the default: GPT-2's tied unembedding
+    assert torch.equal(tied["lm_head.weight"], copied["lm_head.weight"])
+    untied = fold_state_dict(other, n, lns, tied_unembed=False)
+    assert not torch.equal(untied["lm_head.weight"], copied["lm_head.weight"])
+    no_head = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    assert torch.equal(fold_state_dict(no_head, n, lns, tied_unembed=False)["lm_head.weight"], copied["lm_head.weight"])

@@ -156,3 +156,33 @@ def test_card_losses_recomputed_with_plain_transformers(name):
     assert abs(mean - meta["heldout_loss"]) <= 1e-4, (name, mean, meta["heldout_loss"])
     if name == LNFREE:  # the quality bar the README states, with both sides recomputed here
         assert "unigram_loss" in meta and mean < meta["unigram_loss"] - 1.0
+
+
+def test_readme_circuit_example_numbers():
+    """The README's circuit example states EAP == edge patching into the logits, and the faithfulness of the
+    EAP and EAP-IG top-40 circuits: recomputed here, and the README's numbers must be the computed ones."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stated = re.search(r"top-40 circuits: EAP ([0-9.]+), EAP-IG ([0-9.]+)", readme)
+    pct = re.search(r"EAP-IG's recover (\d+)%", readme)
+    assert stated and pct, "the README no longer states the circuit example's numbers"
+    model = L.load_hooked(LNFREE, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(100, 2000, (8, 12), generator=gen)
+    clean = torch.cat([seq, seq], 1)
+    corrupted = clean.clone()
+    corrupted[:, 12:] = torch.randint(100, 2000, (8, 12), generator=gen)
+    metric = L.logit_diff(clean[:, 20].tolist(), corrupted[:, 20].tolist(), pos=19)
+    eap = L.edge_attribution(model, clean, corrupted, metric, progress=False)
+    ig = L.edge_attribution(model, clean, corrupted, metric, method="eap-ig", progress=False)
+    top = eap.top_edges(40)
+    truth = L.edge_patching(model, clean, corrupted, metric, edges=top, progress=False)
+    logits = [i for i, e in enumerate(top) if e.reader.kind == "logits"]
+    row = {e: i for i, e in enumerate(eap.edges)}
+    est = eap.values[[row[top[i]] for i in logits]]
+    assert logits and float((est - truth.values[logits]).abs().max()) <= 1e-12
+    got = [L.evaluate_circuit(model, r.top_edges(40), clean, corrupted, metric)["faithfulness"] for r in (eap, ig)]
+    assert got[0] == pytest.approx(float(stated.group(1)), abs=0.005)
+    assert got[1] == pytest.approx(float(stated.group(2)), abs=0.005)
+    assert round(100 * got[1]) == int(pct.group(1))

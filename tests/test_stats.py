@@ -154,3 +154,44 @@ def test_ioi_template_labels_follow_wang_et_al(tokenizer):
     for clean, io, kind in zip(pairs.clean, pairs.answers, pairs.templates):
         names = [w for w in clean.replace(",", " ,").split() if " " + w in pairs.answers + pairs.wrongs]
         assert (names[0] == io.strip()) == (kind == "ABBA"), (clean, io, kind)
+
+
+def test_sign_agreement_threshold_is_relative_to_the_largest_absolute_true_effect():
+    """Significant true effects are those above 1e-6 x max|b| (here max|b| = 4 from a negative value:
+    2e-6 is negligible, 5e-6 is not); the max error is of |a - b| (here from a negative difference)."""
+    labels = ["L0H0", "L0H1", "L1H0", "L1H1", "L2H0", "L2H1"]
+    b = torch.tensor([[-4.0], [1.0], [2e-6], [5e-6], [0.5], [1e-9]], dtype=torch.float64)
+    a = torch.tensor([[-1.0], [1.0], [-30.0], [-3.0], [-0.5], [1.0]], dtype=torch.float64)
+    m, mc = torch.tensor([0.3], dtype=torch.float64), torch.tensor([1.3], dtype=torch.float64)
+    atp = L.AttributionResult(a, labels, m, "atp", 3, 2, extra={"metric_clean": m, "metric_corrupted": mc})
+    act = L.AttributionResult(b, labels, m, "activation_patching", 3, 2,
+                              extra={"metric_clean": m, "metric_corrupted": mc, "n_positions": 1,
+                                     "patched_positions": [0]})
+    cmp = L.compare_attribution(atp, act)
+    an, bn = a.flatten().numpy(), b.flatten().numpy()
+    assert cmp.stats["sign_agreement"] == pytest.approx(_sign_agreement(an, bn), abs=1e-12) == 0.5
+    assert cmp.stats["max_abs_error"] == pytest.approx(30.0 + 2e-6, abs=1e-12)
+    assert cmp.stats["normalised_mae"] == pytest.approx(float(np.abs(an - bn).mean()), abs=1e-12)  # restore = 1
+
+
+def test_no_significant_true_effect_has_no_sign_agreement_and_bootstrap_defaults():
+    """All true effects zero: sign agreement is undefined (NaN), not a vacuous 100%. The bootstrap
+    defaults are 1000 resamples with seed 0 (20 prompts, so other seeds give other intervals)."""
+    labels = ["L0H0", "L0H1"]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 20, generator=gen, dtype=torch.float64)
+    m, mc = torch.zeros(20, dtype=torch.float64), torch.ones(20, dtype=torch.float64)
+
+    def results(b):
+        atp = L.AttributionResult(a, labels, m, "atp", 1, 2, extra={"metric_clean": m, "metric_corrupted": mc})
+        act = L.AttributionResult(b, labels, m, "activation_patching", 1, 2,
+                                  extra={"metric_clean": m, "metric_corrupted": mc, "n_positions": 1,
+                                         "patched_positions": [0]})
+        return atp, act
+
+    assert np.isnan(L.compare_attribution(*results(torch.zeros_like(a))).stats["sign_agreement"])
+    pair = results(a + 0.3 * torch.randn(2, 20, generator=gen, dtype=torch.float64))
+    default = L.compare_attribution(*pair)
+    assert default.ci == L.compare_attribution(*pair, n_boot=1000, seed=0).ci
+    assert default.ci != L.compare_attribution(*pair, seed=1).ci
+    assert default.ci != L.compare_attribution(*pair, n_boot=1001).ci

@@ -50,7 +50,8 @@ def norm_spec(module: nn.Module, where: str) -> NormSpec:
     """What a GPT-2 LayerNorm site computes, read from the module itself.
 
     Raises:
-        LNFreeError: a LayerNorm whose affine map is not folded (weight 1, bias 0), or an unknown module.
+        LNFreeError: a LayerNorm whose affine map is not folded (weight 1, bias 0), or any other module
+            (an unknown module may compute anything, so it is never taken for an identity).
     """
     if isinstance(module, nn.LayerNorm):
         w, b = module.weight, module.bias
@@ -58,14 +59,10 @@ def norm_spec(module: nn.Module, where: str) -> NormSpec:
             raise LNFreeError(f"{where} is a LayerNorm with an unfolded affine map; load the model through "
                               "lnfree_interp (load_hf / load_hooked ... with expect_lnfree=False).")
         return NormSpec("layernorm", float(module.eps))
-    if isinstance(module, nn.Identity) or not any(True for _ in module.parameters()):
-        if hasattr(module, "eps") or "norm" in type(module).__name__.lower() and "identity" not in \
-                type(module).__name__.lower():
-            raise LNFreeError(f"{where} is a {type(module).__name__}, which lnfree_interp does not know how to "
-                              "read; pass a model from the loaders.")
+    if isinstance(module, nn.Identity):  # the loaders' IdentityLayerNorm among them
         return NormSpec("identity")
-    raise LNFreeError(f"{where} is a {type(module).__name__} with parameters, not a folded LayerNorm or an "
-                      "identity; pass a model from the lnfree_interp loaders.")
+    raise LNFreeError(f"{where} is a {type(module).__name__}, not a folded LayerNorm or an identity, so what it "
+                      "computes is unknown; pass a model from the lnfree_interp loaders.")
 
 
 def hf_norms(hf: Any) -> Norms:
@@ -89,7 +86,7 @@ def hf_weights(hf: Any) -> Weights:
 def gpt2_weights(c_attn: list[nn.Module], c_proj: list[nn.Module], c_fc: list[nn.Module],
                  mlp_proj: list[nn.Module], lm_head: nn.Module, n_heads: int) -> Weights:
     """`Weights` as views of HF GPT-2 modules (``Conv1D`` weights are ``[in, out]``)."""
-    d = c_proj[0].weight.shape[-1]
+    d = lm_head.weight.shape[1]  # [d_vocab, d_model]
     H, dh = n_heads, d // n_heads
 
     def qkv(m: nn.Module, i: int) -> tuple[Tensor, Tensor]:
@@ -130,7 +127,6 @@ class HFBackend(Backend):
         self.d_head = c.n_embd // c.n_head
         self.d_mlp = c.n_inner or 4 * c.n_embd
         self.d_vocab, self.n_ctx = c.vocab_size, c.n_positions
-        self.tokenizer = getattr(wrapper, "tokenizer", None) or getattr(model, "tokenizer", None)
 
     def weights(self) -> Weights:
         return hf_weights(self.hf)
@@ -141,9 +137,9 @@ class HFBackend(Backend):
     def forward(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
         position_ids = None
         if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         return self.hf(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
+                       use_cache=False).logits  # pragma: no mutate (a cache changes memory, not logits)
 
     def unembed(self) -> nn.Module:
         return self.hf.lm_head
@@ -179,7 +175,7 @@ class HFBackend(Backend):
         """Apply the hooks of one site to its value ``x`` (a tensor, or attention's output tuple)."""
         H, dh, d = self.n_heads, self.d_head, self.d_model
         if "pattern" in fns:
-            if not isinstance(x, tuple) or len(x) < 2 or x[1] is None:  # pragma: no cover - eager is forced
+            if not isinstance(x, tuple) or len(x) < 2 or x[1] is None:  # pragma: no cover (eager); pragma: no mutate
                 raise LNFreeError("No attention weights from this HF attention implementation.")
             out = fns["pattern"](x[1])
             if out is not None and out is not x[1]:
@@ -199,15 +195,13 @@ class HFBackend(Backend):
         if "z" in fns:
             out = fns["z"](x.view(*x.shape[:-1], H, dh))
             return None if out is None else out.reshape(x.shape)
-        parts = list(x.split(d, dim=-1))  # q, k, v: [b, p, d] each
-        changed = False
+        parts = list(x.split(d, dim=-1))  # q, k, v: [b, p, d] each; only they are left
         for i, key in enumerate("qkv"):
             if key in fns:
                 view = parts[i].view(*parts[i].shape[:-1], H, dh)
-                out = fns[key](view)
-                changed = True  # the returned tensor (or the view) must be the one used downstream
+                out = fns[key](view)  # the returned tensor (or the view) must be the one used downstream
                 parts[i] = (view if out is None else out).reshape(parts[i].shape)
-        return torch.cat(parts, dim=-1) if changed else None
+        return torch.cat(parts, dim=-1)
 
     @contextlib.contextmanager
     def hooks(self, fns: Mapping[str, HookFn]) -> Iterator[None]:
@@ -230,11 +224,11 @@ class HFBackend(Backend):
                 else:
                     def pre(m, args, f=site_fns):
                         out = self._call(f, args[0])
-                        return None if out is None else (out, *args[1:])
+                        return None if out is None else (out, *args[1:])  # pragma: no mutate (one positional arg)
                     handles.append(module.register_forward_pre_hook(pre))
             yield
         finally:
             for h in handles:
                 h.remove()
-            if attn_impl is not None and getattr(config, "_attn_implementation", None) != attn_impl:
+            if getattr(config, "_attn_implementation", None) != attn_impl:
                 config._attn_implementation = attn_impl

@@ -45,13 +45,10 @@ def _tl_norm_spec(module: nn.Module, where: str) -> NormSpec:
     kind = type(module).__name__
     if kind == "LayerNormPre":
         return NormSpec("layernorm", float(module.eps))
-    if kind == "LayerNorm" and hasattr(module, "w"):
-        if bool((module.w == 1).all()) and bool((module.b == 0).all()):
-            return NormSpec("layernorm", float(module.eps))
-    elif isinstance(module, nn.Identity) or kind == "Identity":
-        return NormSpec("identity")
-    else:
+    if kind != "LayerNorm" or not hasattr(module, "w"):  # identities (and anything unknown: refused there)
         return norm_spec(module, where)
+    if bool((module.w == 1).all()) and bool((module.b == 0).all()):  # TL's LayerNorm with a folded affine map
+        return NormSpec("layernorm", float(module.eps))
     raise LNFreeError(
         f"{where} is a TransformerLens {kind} with an unfolded affine map; attribution needs it folded "
         "(None for LN-free models, 'LNPre' for LN baselines). Load the model with lnfree_interp.load_hooked"
@@ -65,7 +62,6 @@ class _TLBackend(Backend):
         cfg = model.cfg
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.d_head, self.d_mlp, self.d_vocab, self.n_ctx = cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx
-        self.tokenizer = getattr(model, "tokenizer", None)
         norms = self.norms()  # read from the modules; refuses unfolded LayerNorms
         kinds = {s.kind for s in (*norms.ln1, *norms.ln2, norms.ln_final)}
         declared = cfg.normalization_type
@@ -94,7 +90,7 @@ class _TLBackend(Backend):
 
         def pre(module: nn.Module, args: tuple, fn: HookFn) -> tuple | None:
             out = fn(args[0])
-            return None if out is None else (out, *args[1:])
+            return None if out is None else (out, *args[1:])  # pragma: no mutate (one positional arg)
 
         try:
             for name, fn in mlp_in.items():

@@ -92,7 +92,7 @@ def build_hooked(config: Any, sd: dict[str, Tensor], *, lnfree: bool, tokenizer:
         d_vocab=config.vocab_size, act_fn=config.activation_function, eps=config.layer_norm_epsilon,
         normalization_type=None if lnfree else "LNPre", positional_embedding_type="standard",
         original_architecture="GPT2LMHeadModel", default_prepend_bos=prepend_bos, dtype=W_E.dtype,
-        device=str(W_E.device), init_weights=False,
+        device=str(W_E.device), init_weights=False,  # pragma: no mutate (weights are assigned next: cost only)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "HookedTransformer is deprecated" (TL 3.9)
@@ -101,7 +101,7 @@ def build_hooked(config: Any, sd: dict[str, Tensor], *, lnfree: bool, tokenizer:
     missing, unexpected = model.load_state_dict(tl_state_dict(sd, cfg.n_layers, cfg.n_heads), strict=False,
                                                 assign=True)
     missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
-    if missing or unexpected:  # pragma: no cover - the conversion writes exactly these keys
+    if missing or unexpected:  # pragma: no cover (the conversion writes exactly these keys); pragma: no mutate
         raise LNFreeError(f"Internal error building HookedTransformer: missing {missing}, unexpected {unexpected}")
     return _tokenizer_bos_as_cfg(model.eval(), prepend_bos)
 
@@ -163,7 +163,7 @@ def _residual_taps_write_through(bridge: Any) -> None:
     from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
     def sync(module: Any, inputs: tuple, out: Tensor) -> Tensor | None:
-        if inputs and out is not inputs[0]:
+        if inputs and out is not inputs[0]:  # pragma: no mutate (copying a tensor onto itself changes nothing)
             inputs[0].copy_(out)
             return inputs[0]
         return None
