@@ -340,8 +340,8 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
     Figures: Pearson and Spearman correlation, normalised mean absolute error
     ``100 * mean|AtP - AP| / mean|AP|`` (with a bootstrap 95% interval over prompts), sign agreement
     (over nodes with a non-negligible true effect; NaN when there is none), and the paper's
-    normalisation: both divided by the full-restoration effect ``metric(corrupted) - metric(clean)`` of each prompt, then the mean
-    absolute error (``normalised_mae``).
+    normalisation: both divided by the full-restoration effect ``metric(corrupted) - metric(clean)`` of
+    each prompt, then the mean absolute error (``normalised_mae``).
 
     Args:
         atp_result: from [`attribution_patching`][lnfree_interp.attribution_patching].
