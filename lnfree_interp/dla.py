@@ -167,7 +167,7 @@ def _direct_effect_values(req: _Request, ablation: Any) -> tuple[dp.Components, 
         else:
             assert centred_r is not None
             cr_u, cr2 = (centred_r * u0).sum(1), centred_r.pow(2).sum(1)
-            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / r.shape[-1] + eps).sqrt())
+            values.append(before - (cr_u - a) / ((cr2 - 2 * b + c) / r.shape[1] + eps).sqrt())
     return comp, cap, torch.cat(values, 0)
 
 
