@@ -135,8 +135,8 @@ def main() -> None:
                          C.fmt_x(r["load_hf"] / r["read_copy"]), f"{f:.2f}", C.fmt_x(r["dla"] / f),
                          C.fmt_x(r["atp"] / f), f"{r['n_edges']:,}", C.fmt_x(r["eap"] / f),
                          f"{r['peak_gb']:.1f}"])
-    print(C.table(["shape", "params GB", "load_hf s", "/ from_pretrained+read", "/ read_copy", "forward s",
-                   "DLA / fwd", "AtP / fwd", "edges", "EAP / fwd", "process peak GB"], rows,
+    print(C.table(["shape", "checkpoint GB", "load_hf s", "/ from_pretrained+read", "/ read_copy", "forward s",
+                   "DLA / fwd", "AtP / fwd", "edges", "EAP / fwd", "peak RSS so far GiB"], rows,
                   title=f"=== SUMMARY (bench_shapes, {args.batch} x {args.seq} tokens) ==="))
     print(C.load_note() + " at end")
 

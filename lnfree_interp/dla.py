@@ -36,7 +36,7 @@ from . import direct_path as dp
 from .backends import Backend, get_backend
 from .errors import LNFreeError
 from .inputs import positions, prepare, token_ids
-from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
+from .results import AttributionResult, Comparison, bootstrap_ci, check_bootstrap, label_layer, nmae
 from .streaming import batches, run_batches, wants_stream
 
 By = Literal["head", "layer", "neuron"]
@@ -368,8 +368,7 @@ def compare_dla_direct_effect(
 
     kw: dict[str, Any] = {"pos": pos, "attention_mask": attention_mask, "batch_size": batch_size,
                           "progress": progress}
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise LNFreeError(f"n_boot={n_boot!r} must be an integer >= 1 (bootstrap resamples).")
+    check_bootstrap(n_boot, seed)  # before the two attributions
     dla = direct_logit_attribution(model, inputs, answer, wrong, **kw)
     de = direct_effect(model, inputs, answer, wrong, **kw)
     same = torch.allclose(dla.metric, de.metric, rtol=1e-6, atol=1e-6)  # pragma: no mutate (other prompts: far off)

@@ -105,15 +105,16 @@ def prepare(backend: Any, inputs: Any, attention_mask: Tensor | None = None) -> 
         if attention_mask is None:
             mask = torch.ones_like(tokens)
         else:
-            mask = torch.as_tensor(attention_mask).long()
+            mask = torch.as_tensor(attention_mask)
+            if not bool(((mask == 0) | (mask == 1)).all()):  # before any cast: 0.5 must not become 0
+                raise LNFreeError(f"attention_mask must hold only 0 and 1, got values {mask.unique().tolist()[:5]}.")
+            mask = mask.long()
             if mask.ndim == 1:
                 mask = mask[None]
             if mask.shape != tokens.shape:
                 raise LNFreeError(f"attention_mask has shape {tuple(mask.shape)} but tokens {tuple(tokens.shape)}.")
             if not bool(mask.bool().any(1).all()):
                 raise LNFreeError("A prompt's attention_mask is all zeros (no real tokens).")
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise LNFreeError(f"attention_mask must hold only 0 and 1, got values {mask.unique().tolist()}.")
             padded = torch.nn.functional.pad(mask, (1, 0))  # pragma: no mutate (any zero columns first count alike)
             starts = (padded.diff(dim=1) == 1).sum(1)  # blocks of real tokens per prompt
             if bool((starts != 1).any()):

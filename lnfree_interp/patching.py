@@ -30,7 +30,7 @@ from .edge_results import EdgeResult
 from .errors import LNFreeError
 from .inputs import pair_inputs, prepare_count
 from .metrics import bind_metric, readout
-from .results import AttributionResult, Comparison, bootstrap_ci, label_layer, nmae
+from .results import AttributionResult, Comparison, bootstrap_ci, check_bootstrap, label_layer, nmae
 from .streaming import is_loader, stream_pairs, wants_stream
 
 Nodes = Literal["head", "attn_out", "mlp_out", "neuron", "resid_pre"]
@@ -363,6 +363,7 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
     """
     import pandas as pd
 
+    check_bootstrap(n_boot, seed)
     if isinstance(atp_result, EdgeResult) or isinstance(act_result, EdgeResult):
         return _compare_edges(atp_result, act_result, n_boot, seed)
     _check_same_run(atp_result, act_result)

@@ -297,9 +297,27 @@ def nmae(a: Tensor, b: Tensor) -> float:
     return float(100 * num / denom)
 
 
+def check_bootstrap(n_boot: Any, seed: Any) -> None:
+    """Raise `LNFreeError` unless ``n_boot`` is an integer >= 1 and ``seed`` an integer (numpy ints too)."""
+    import numbers
+
+    from .errors import LNFreeError
+
+    for name, value, low in (("n_boot", n_boot, 1), ("seed", seed, None)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+            raise LNFreeError(f"{name}={value!r} must be an integer" + (f" >= {low}" if low is not None else "")
+                              + " (bootstrap resamples over prompts, and their seed).")
+
+
 def bootstrap_ci(a: Tensor, b: Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap interval of `nmae` resampling the last axis (prompts) of ``[C, batch]``;
-    ``(nan, nan)`` for a single prompt."""
+    ``(nan, nan)`` for a single prompt.
+
+    Raises:
+        LNFreeError: ``n_boot`` not an integer >= 1, or ``seed`` not an integer.
+    """
+    check_bootstrap(n_boot, seed)
+    n_boot, seed = int(n_boot), int(seed)
     batch = a.shape[-1]
     if batch < 2:  # nothing to resample
         return (float("nan"), float("nan"))

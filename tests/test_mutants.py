@@ -695,3 +695,31 @@ def test_ln_baseline_edges_ignore_a_constant_added_to_the_readers(models):
     b = L.edge_attribution(shifted, clean, corrupted, metric)
     assert (a.extra["metric_clean"] - b.extra["metric_clean"]).abs().max() <= TOL  # the same model
     assert (a.values - b.values).abs().max() <= 1e-9
+
+
+def test_found_by_a_fresh_user_bootstrap_and_mask_values(models):
+    """compare_attribution validates n_boot / seed like compare_dla_direct_effect (raw RuntimeError /
+    TypeError before; numpy integers accepted by both); a fractional attention mask is refused, not cast
+    (0.5 used to become 0 silently)."""
+    import numpy as np
+
+    src = models["schaeff"]
+    model = L.load_hf(src, dtype=torch.float64)
+    clean, corrupted = _pair(src.config.vocab_size)
+    metric = logit_diff(5, 9)
+    atp = L.attribution_patching(model, clean, corrupted, metric, per_position=False)
+    act = L.activation_patching(model, clean, corrupted, metric, progress=False)
+    eap = L.edge_attribution(model, clean, corrupted, metric)
+    truth = L.edge_patching(model, clean, corrupted, metric, edges=eap.top_edges(5), progress=False)
+    for pair in ((atp, act), (eap, truth)):
+        for bad in ({"n_boot": 0}, {"n_boot": -1}, {"n_boot": 2.5}, {"n_boot": True}, {"seed": "x"}, {"seed": 1.5}):
+            with pytest.raises(LNFreeError, match=f"{next(iter(bad))}="):
+                L.compare_attribution(*pair, **bad)
+        assert L.compare_attribution(*pair, n_boot=np.int64(10), seed=np.int64(1)).ci is not None
+    assert L.compare_dla_direct_effect(model, clean, 5, 9, n_boot=np.int64(10)).ci is not None
+    for mask in ([[1.0, 1.0, 1.0, 0.5, 0.5]], [[1.0, 1.0, 1.0, 1.5, 1.0]], [[1.0, 0.5, 1.0, 1.0, 1.0]]):
+        with pytest.raises(LNFreeError, match="only 0 and 1"):
+            L.direct_logit_attribution(model, clean[:1, :5], 5, attention_mask=torch.tensor(mask))
+    ok = L.direct_logit_attribution(model, clean[:1, :5], 5, attention_mask=torch.tensor([[1.0, 1, 1, 0, 0]]))
+    alone = L.direct_logit_attribution(model, clean[:1, :3], 5)
+    assert (ok.values - alone.values).abs().max() <= TOL

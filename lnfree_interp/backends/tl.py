@@ -139,5 +139,6 @@ class BridgeBackend(_TLBackend):
 
     def norms(self) -> Norms:
         b = self.tl.blocks
-        return gpt2_norms([x.ln1.original_component for x in b], [x.ln2.original_component for x in b],
-                          self.tl.ln_final.original_component)
+        def hf(m: nn.Module) -> nn.Module:  # a module put in place of a bridge component is read (and refused) as is
+            return getattr(m, "original_component", m)
+        return gpt2_norms([hf(x.ln1) for x in b], [hf(x.ln2) for x in b], hf(self.tl.ln_final))
