@@ -308,7 +308,8 @@ def test_transformerlens_layernorm_modules_are_read_not_trusted():
     with pytest.raises(LNFreeError, match="normalization_type='LN' but its normalisation modules compute layernorm"):
         get_backend(model)
     rms = HookedTransformer(HookedTransformerConfig(**{**cfg.to_dict(), "normalization_type": "RMS"}))
-    with pytest.raises(LNFreeError, match="is a RMSNorm( with its own forward)?, not a folded LayerNorm"):  # has a `w` too: not a LayerNorm
+    # an RMSNorm has a `w` too, but is no LayerNorm
+    with pytest.raises(LNFreeError, match="is a RMSNorm( with its own forward)?, not a folded LayerNorm"):
         get_backend(rms)
     for attr in ("w", "b"):
         bad = HookedTransformer(cfg)
