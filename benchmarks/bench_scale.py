@@ -17,7 +17,8 @@ ratio to the batched forwards at the same N (goals: DLA <= 1.1x, AtP <= 3.5x), t
 (linear: constant), and extra peak memory relative to N = 512 (goal: within 10%). A plot of time and
 memory against N is written to ``--out`` (default ``bench_scale.png``).
 
-    python benchmarks/bench_scale.py                # ~15-25 min on 2 cores (GPT-2 small, N up to 8192)
+    python benchmarks/bench_scale.py                # GPT-2 small, N up to 8192: ~2.5 h on 2 CPU cores
+    python benchmarks/bench_scale.py --ns 512 2048  # 36 min there
     python benchmarks/bench_scale.py --shape tiny --ns 64 256 1024
 """
 
@@ -90,12 +91,13 @@ def main() -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name in ("forward", "DLA", "AtP"):
-        a.plot(args.ns, [results[name][n][0] for n in args.ns], marker="o", label=name)
+        a.plot(args.ns, [1000 * results[name][n][0] / n for n in args.ns], marker="o", label=name)
         b.plot(args.ns, [results[name][n][1] / C.MB for n in args.ns], marker="o", label=name)
-    a.set(xlabel="prompts N", ylabel="time (s)", title="time vs N (linear is good)")
+    a.set(xlabel="prompts N", ylabel="time per prompt (ms)", title="time per prompt vs N (flat: time linear in N)")
     b.set(xlabel="prompts N", ylabel="extra peak RSS (MB)", title="peak memory vs N (flat is good)")
     for ax in (a, b):
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.legend()
     fig.suptitle(f"Streaming attribution, {args.shape}, {args.seq} tokens/prompt, batch {args.batch}")
     fig.tight_layout()

@@ -243,10 +243,14 @@ def induction_case_study(
         ``summary()``, ``plot_agreement()``, ``plot_graph()``.
 
     Raises:
-        LNFreeError: bad sizes or counts (see `induction_pairs`), a model without attention-pattern hooks.
+        LNFreeError: bad sizes or counts (see `induction_pairs`), a negative ``patch_top``, a model without
+            attention-pattern hooks.
     """
     import pandas as pd
 
+    if patch_top is not None and (isinstance(patch_top, bool) or not isinstance(patch_top, int) or patch_top < 0):
+        raise LNFreeError(f"patch_top={patch_top!r} must be an integer >= 0 (the top-N EAP edges to edge-patch; 0: "
+                          "none) or None (every edge).")
     backend = get_backend(model)
     clean, corrupted, metric = induction_pairs(model, n_prompts=n_prompts, seq_len=seq_len, seed=seed)
     eap = edge_attribution(model, clean, corrupted, metric, method="eap")

@@ -63,6 +63,7 @@ def edge_attribution(
     progress: bool = True,
     attention_mask: Tensor | None = None,
     corrupted_attention_mask: Tensor | None = None,
+    per_prompt: bool = True,
 ) -> EdgeResult:
     """EAP (or EAP-IG) score of every edge of the model's graph, all prompt pairs at once.
 
@@ -87,6 +88,9 @@ def edge_attribution(
         progress: a tqdm bar over the batches when streaming.
         attention_mask: ``[batch, pos]`` mask for padded clean token ids.
         corrupted_attention_mask: the same for the corrupted token ids.
+        per_prompt: keep every prompt's scores (the default); ``False``: their mean, std and count
+            only, memory flat in N (as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution]; at
+            the GPT-2-small shape one prompt's scores are 32,491 floats).
 
     Returns:
         `EdgeResult` (``kind="eap"`` / ``"eap-ig"``), ``values [edge, batch]`` in the metric's
@@ -104,9 +108,9 @@ def edge_attribution(
     if torch.is_inference_mode_enabled():
         raise LNFreeError("Edge attribution needs gradients, but torch.inference_mode() is active.")
     backend = get_backend(model)
-    if wants_stream(clean, batch_size):
+    if (streams := wants_stream(clean, batch_size)) or not per_prompt:
         return stream_pairs(edge_attribution, model, clean, corrupted, metric, chunk=batch_size,
-                            show_progress=progress, attention_mask=attention_mask,
+                            show_progress=progress and streams, attention_mask=attention_mask, per_prompt=per_prompt,
                             corrupted_attention_mask=corrupted_attention_mask, method=method, steps=steps,
                             per_position=per_position)
     graph = graph_of(backend)
@@ -195,6 +199,7 @@ def edge_patching(
     progress: bool = True,
     attention_mask: Tensor | None = None,
     corrupted_attention_mask: Tensor | None = None,
+    per_prompt: bool = True,
 ) -> EdgeResult:
     """Patch each edge alone and measure ``metric(patched) - metric(clean)``: the ground truth for EAP.
 
@@ -213,6 +218,7 @@ def edge_patching(
         progress: a tqdm bar over the forward passes.
         attention_mask: ``[batch, pos]`` mask for padded clean token ids.
         corrupted_attention_mask: the same for the corrupted token ids.
+        per_prompt: as in [`edge_attribution`][lnfree_interp.edge_attribution].
 
     Returns:
         `EdgeResult` (``kind="edge_patching"``), ``values [edge, batch]``.
@@ -235,8 +241,10 @@ def edge_patching(
     if len(set(chosen)) != len(chosen):
         raise LNFreeError("edges lists some edge more than once; pass each edge once.")
     graph.mask(chosen)  # validates
-    if is_loader(clean) or prepare_count(backend, clean) > batch_size:  # pragma: no mutate (streams; same numbers)
+    if (is_loader(clean) or prepare_count(backend, clean) > batch_size  # pragma: no mutate (streams; same numbers)
+            or not per_prompt):
         return stream_pairs(edge_patching, model, clean, corrupted, metric, chunk=batch_size, show_progress=progress,
+                            per_prompt=per_prompt,
                             attention_mask=attention_mask, corrupted_attention_mask=corrupted_attention_mask,
                             edges=chosen, batch_size=batch_size, progress=False)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)

@@ -23,7 +23,8 @@ class EdgeResult:
         metric: ``[batch]``, the model's metric on the clean prompts.
         kind: ``"eap"``, ``"eap-ig"`` or ``"edge_patching"``.
         exact_readers: reader kinds whose scores are exact (EAP into ``logits``, LN-free, linear metric).
-        extra: ``metric_clean``, ``metric_corrupted``, ``backend``...
+        extra: ``metric_clean``, ``metric_corrupted``, ``backend``...; a summary (``per_prompt=False``) adds
+            ``n_prompts`` and ``std`` (``[edge]``), and its ``values`` / ``metric`` hold the mean over prompts.
     """
 
     values: Tensor
@@ -40,6 +41,16 @@ class EdgeResult:
         if len(self.edges) != self.values.shape[0]:
             raise ValueError(f"{len(self.edges)} edges for {self.values.shape[0]} rows")
         self._index = {e: i for i, e in enumerate(self.edges)}
+
+    @property
+    def n_prompts(self) -> int:
+        """How many prompts the values describe (the batch axis, or a summary's count)."""
+        return int(self.extra.get("n_prompts", self.values.shape[-1]))
+
+    @property
+    def per_prompt(self) -> bool:
+        """Whether the last axis holds one value per prompt (``False`` for a summary: their mean)."""
+        return "n_prompts" not in self.extra
 
     @property
     def labels(self) -> list[str]:
@@ -143,7 +154,9 @@ class EdgeResult:
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.values.shape)
         exact = f", exact into {'/'.join(self.exact_readers)}" if self.exact_readers else ""
-        return f"EdgeResult({self.kind}, {len(self.edges)} edges, values {shape}{exact})\n{self.top(10).to_string()}"
+        mean = "" if self.per_prompt else f", the mean over {self.n_prompts} prompts"
+        return (f"EdgeResult({self.kind}, {len(self.edges)} edges, values {shape}{exact}{mean})\n"
+                f"{self.top(10).to_string()}")
 
     # --- figures ----------------------------------------------------------------------------
     def plot(self, k: int = 50, title: str | None = None):

@@ -129,7 +129,7 @@ def default_title(result: Any) -> str:
     metric = result.extra.get("metric")
     title = f"{what} of {metric}" if metric else what
     prompts = result.extra.get("prompts")
-    n = result.values.shape[-1]
+    n = result.n_prompts
     if prompts:
         title += f"\non {shorten(prompts[0])!s}" + (f" and {n - 1} more prompt(s), mean" if n > 1 else "")
     elif n > 1:

@@ -69,6 +69,7 @@ def attribution_patching(
     corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None,
     batch_size: int | None = None,
     progress: bool = True,  # pragma: no mutate (the bar)
+    per_prompt: bool = True,
 ) -> AttributionResult:
     """Attribution patching of every node, all prompt pairs in one batched pass.
 
@@ -91,6 +92,7 @@ def attribution_patching(
         batch_size: stream the prompt pairs in batches of this many (any N, flat memory, same numbers;
             see `streaming`); ``clean`` may then be a DataLoader of pairs.
         progress: a tqdm bar over the batches when streaming.
+        per_prompt: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
 
     Returns:
         `AttributionResult` (``kind="atp"``) in the metric's units, with ``direct`` and
@@ -108,10 +110,11 @@ def attribution_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
-    if wants_stream(clean, batch_size):
+    if (streams := wants_stream(clean, batch_size)) or not per_prompt:
         return stream_pairs(attribution_patching, model, clean, corrupted, metric, chunk=batch_size,
-                            show_progress=progress, attention_mask=attention_mask,
-                            corrupted_attention_mask=corrupted_attention_mask, nodes=nodes, per_position=per_position)
+                            show_progress=progress and streams, attention_mask=attention_mask,
+                            corrupted_attention_mask=corrupted_attention_mask, per_prompt=per_prompt, nodes=nodes,
+                            per_position=per_position)
     tokens, mask, c_tokens, c_mask = pair_inputs(backend, clean, corrupted, attention_mask, corrupted_attention_mask)
     f_clean, f_corr = bind_metric(metric, backend, mask), bind_metric(metric, backend, c_mask)
     L = backend.n_layers
@@ -170,6 +173,7 @@ def activation_patching(
     corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None,
     batch_size: int = 64,  # pragma: no mutate (a default: rows per pass)
     progress: bool = True,  # pragma: no mutate (the bar)
+    per_prompt: bool = True,
 ) -> AttributionResult:
     """Activation patching of every node: the ground truth AtP estimates.
 
@@ -193,6 +197,7 @@ def activation_patching(
         batch_size: rows per forward pass; more prompts than that are streamed in batches of
             ``batch_size`` prompts (flat memory, same numbers), and ``clean`` may be a DataLoader.
         progress: tqdm bar over the forward passes.
+        per_prompt: as in [`direct_logit_attribution`][lnfree_interp.direct_logit_attribution].
 
     Returns:
         `AttributionResult` (``kind="activation_patching"``), ``extra["metric_clean"]`` and
@@ -208,9 +213,9 @@ def activation_patching(
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
     wants_stream(clean, batch_size)  # validates
     n_prompts = None if is_loader(clean) else prepare_count(backend, clean, attention_mask)
-    if n_prompts is None or n_prompts > batch_size:  # more prompts than rows per pass: stream them
+    if n_prompts is None or n_prompts > batch_size or not per_prompt:  # more prompts than rows per pass: stream
         return stream_pairs(activation_patching, model, clean, corrupted, metric, chunk=batch_size,
-                            show_progress=progress, attention_mask=attention_mask,
+                            show_progress=progress, attention_mask=attention_mask, per_prompt=per_prompt,
                             corrupted_attention_mask=corrupted_attention_mask, nodes=nodes, per_position=per_position,
                             positions=positions, batch_size=batch_size,
                             progress=False)  # pragma: no mutate (the inner bar)
@@ -353,7 +358,8 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
         AtP against activation patching coloured by layer.
 
     Raises:
-        LNFreeError: the arguments swapped, or results that do not describe the same patches: other
+        LNFreeError: a ``per_prompt=False`` summary; the arguments swapped, or results that do not
+            describe the same patches: other
             nodes, shapes or positions, or other clean / corrupted metrics (another model, other
             inputs or another metric).
 
@@ -364,6 +370,12 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
     import pandas as pd
 
     check_bootstrap(n_boot, seed)
+    summaries = [name for name, r in (("atp_result", atp_result), ("act_result", act_result))
+                 if not getattr(r, "per_prompt", True)]
+    if summaries:
+        raise LNFreeError(f"{' and '.join(summaries)} holds only a mean over prompts (per_prompt=False): the "
+                          "comparison pairs each prompt's values (errors normalised per prompt, a bootstrap over "
+                          "prompts). Run both with per_prompt=True (the default).")
     if isinstance(atp_result, EdgeResult) or isinstance(act_result, EdgeResult):
         return _compare_edges(atp_result, act_result, n_boot, seed)
     _check_same_run(atp_result, act_result)

@@ -51,6 +51,9 @@ class AttributionResult:
         positions: per-position results: the sequence positions of ``values``' middle axis.
         n_layers: number of layers, for the layer x head heatmap.
         n_heads: number of heads per layer.
+        extra: further per-kind data; a summary (``per_prompt=False``) holds ``n_prompts``, ``std``
+            (``[component]``, over prompts, positions summed) and ``scale``, and its per-prompt tensors
+            (``values``, ``metric``, ``bias``...) hold the mean over prompts, ``[..., 1]``.
     """
 
     values: Tensor
@@ -72,6 +75,17 @@ class AttributionResult:
             raise ValueError(f"{len(self.labels)} labels for {self.values.shape[0]} components")
 
     # --- numbers -----------------------------------------------------------------------------
+    @property
+    def n_prompts(self) -> int:
+        """How many prompts the values describe (the batch axis, or a summary's count)."""
+        return int(self.extra.get("n_prompts", self.values.shape[-1]))
+
+    @property
+    def per_prompt(self) -> bool:
+        """Whether the last axis holds one value per prompt (``False`` for a ``per_prompt=False`` summary,
+        whose last axis holds their mean)."""
+        return "n_prompts" not in self.extra
+
     def total(self) -> Float[Tensor, "batch"]:
         """Sum over components (and positions) plus the bias term: equals ``metric`` for exact DLA."""
         total = self.values.flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.sum(0)
@@ -102,7 +116,8 @@ class AttributionResult:
             scale = self.values.abs().flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.abs().sum(0)
             if self.bias is not None:
                 scale = scale + self.bias.detach().abs()
-            ref = max(float(scale.max()), float(self.metric.abs().max()), 1e-30)
+            # a summary's mean can be far smaller than the summands it averaged: use their mean scale
+            ref = max(float(scale.max()), float(self.metric.abs().max()), self.extra.get("scale", 0.0), 1e-30)
             if err > rtol * ref:
                 raise LNFreeError(f"DLA components sum to the metric only within {err:.3g} (relative "
                                   f"{err / ref:.3g} of the summands' scale > {rtol:g}).")
@@ -146,7 +161,8 @@ class AttributionResult:
             "component": np.repeat(np.array(self.labels, dtype=object), n_rest),
             "layer": np.repeat(np.array([label_layer(lab) for lab in self.labels], dtype=object), n_rest),
             "head": np.repeat(np.array(heads, dtype=object), n_rest),
-            "prompt": np.tile(np.arange(shape[-1]), n_rest // shape[-1] * shape[0]),
+            "prompt": np.tile(np.arange(shape[-1]), n_rest // shape[-1] * shape[0]) if self.per_prompt
+            else f"mean of {self.n_prompts}",
         }
         if len(shape) == 3:
             pos = np.array(self.positions if self.positions else range(shape[1]))
@@ -158,8 +174,9 @@ class AttributionResult:
         frame = pd.DataFrame(cols)
         if self.bias is not None:
             bias = self.bias.detach().double().cpu().numpy()
+            prompt = np.arange(len(bias)) if self.per_prompt else f"mean of {self.n_prompts}"
             frame = pd.concat([frame, pd.DataFrame({"component": "unembed_bias", "layer": None, "head": None,
-                                                    "prompt": np.arange(len(bias)), "value": bias})],
+                                                    "prompt": prompt, "value": bias})],
                               ignore_index=True)
         return frame
 
@@ -182,8 +199,8 @@ class AttributionResult:
         order = mean.abs().argsort(descending=True)[:k].tolist()
         table = {"component": [self.labels[i] for i in order], "mean": [float(mean[i]) for i in order]}
         values = self.values.detach().double().cpu()
-        if values.shape[-1] > 1:  # std over prompts; one prompt has none (no column of zeros)
-            std = (values.sum(1) if values.ndim > 2 else values).std(-1)
+        if self.n_prompts > 1:  # std over prompts; one prompt has none (no column of zeros)
+            std = (values.sum(1) if values.ndim > 2 else values).std(-1) if self.per_prompt else self.extra["std"]
             table["std"] = [float(std[i]) for i in order]
         return pd.DataFrame(table)
 
@@ -218,6 +235,8 @@ class AttributionResult:
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.values.shape)
         head = f"AttributionResult(kind={self.kind!r}, values [{shape}], exact={self.exact})"
+        if not self.per_prompt:
+            head += f"\n  the mean over {self.n_prompts} prompts (per_prompt=False)"
         return head + (f"\n  note: {self.note}" if self.note else "") + "\n" + self.top(5).to_string(index=False)
 
 

@@ -16,6 +16,7 @@ effect; functions with a fixed metric refuse them rather than ignore them).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterator
 from itertools import zip_longest
@@ -192,21 +193,116 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
 
 
 def run_batches(call: Callable[[dict[str, Any]], Any], parts: Iterator[dict[str, Any]], progress: bool,
-                desc: str) -> Any:
-    """``call`` on every batch (with a tqdm bar), results joined along the batch axis on the CPU."""
+                desc: str, per_prompt: bool = True) -> Any:
+    """``call`` on every batch (with a tqdm bar), results joined along the batch axis on the CPU, or with
+    ``per_prompt=False`` folded into a `Running` summary as they come (memory flat in N)."""
     from tqdm.auto import tqdm
 
-    results = [to_cpu(call(part)) for part in tqdm(parts, desc=desc, disable=not progress, mininterval=1.0)]
-    if not results:
+    results, running = [], Running()
+    for part in tqdm(parts, desc=desc, disable=not progress, mininterval=1.0):
+        result = to_cpu(call(part))
+        if per_prompt:
+            results.append(result)
+        else:
+            running.add(result)
+    if not results and not running.n:
         raise LNFreeError("No prompts: the inputs (or the DataLoader) were empty.")
-    return concat(results)
+    return concat(results) if per_prompt else running.result()
+
+
+def _per_prompt_tensors(result: Any) -> dict[tuple[str, str], Tensor]:
+    """A result's tensors whose last axis is the prompt: fields (``values``, ``metric``, ``bias``...) and
+    ``extra`` entries (``metric_clean``...), keyed ``("", name)`` / ``("extra", key)``."""
+    import dataclasses
+
+    out = {("", f.name): getattr(result, f.name) for f in dataclasses.fields(result)
+           if isinstance(getattr(result, f.name), Tensor)}
+    out.update({("extra", k): v for k, v in result.extra.items() if isinstance(v, Tensor) and v.ndim >= 1})
+    return out
+
+
+class Running:
+    """The mean over prompts of every per-prompt tensor of a result, the standard deviation over prompts
+    of each component's value (positions summed), and the mean of each prompt's ``sum |values| + |bias|``,
+    updated batch by batch (the pairwise update of Chan, Golub & LeVeque 1979, float64 on the CPU), so
+    that memory is one result's worth whatever the number of prompts.
+
+    `result` gives the first batch's result with every per-prompt tensor replaced by its mean
+    (``[..., 1]``, in the tensor's dtype) and ``extra["n_prompts"]``, ``extra["std"]`` (``[component]``,
+    float64, NaN for one prompt), ``extra["scale"]`` (what `AttributionResult.assert_exact` measures a
+    mean's rounding against).
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.first: Any = None
+        self.means: dict[tuple[str, str], Tensor] = {}
+        self.score_mean = self.score_m2 = self.scale = torch.zeros(())
+
+    def add(self, result: Any) -> Running:
+        """Fold in one batch's per-prompt result.
+
+        Raises:
+            LNFreeError: a result of another kind or shape than the first batch's (e.g. per-position
+                results over DataLoader batches of different padded widths), or one that is already a summary.
+        """
+        if "n_prompts" in result.extra:
+            raise LNFreeError("This result is already a summary (per_prompt=False): its values are a mean over "
+                              f"{result.extra['n_prompts']} prompts, not one prompt each.")
+        tensors = _per_prompt_tensors(result)
+        b = int(result.values.shape[-1])
+        if self.first is None:
+            self.first, self.means = result, {k: torch.zeros(v.shape[:-1], dtype=torch.float64)
+                                              for k, v in tensors.items()}
+            self.score_mean = self.score_m2 = torch.zeros(result.values.shape[:1], dtype=torch.float64)
+        else:
+            keys = getattr(result, "labels", None), getattr(self.first, "labels", None)
+            shapes = {k: (tuple(v.shape[:-1]), tuple(self.means[k].shape) if k in self.means else None)
+                      for k, v in tensors.items()}
+            if keys[0] != keys[1] or set(tensors) != set(self.means) or any(x != y for x, y in shapes.values()):
+                raise LNFreeError(f"Batches gave results of different shapes ({result.values.shape[:-1]} vs "
+                                  f"{self.first.values.shape[:-1]}): per-position results need every batch padded "
+                                  "to one width (pass a list or a token tensor, not a DataLoader of varying widths).")
+        total = self.n + b
+        for key, value in tensors.items():
+            self.means[key] += (value.detach().double().mean(-1) - self.means[key]) * (b / total)
+        values = result.values.detach().double()
+        score = values.sum(1) if values.ndim > 2 else values  # [component, batch]
+        batch_mean = score.mean(-1)
+        delta = batch_mean - self.score_mean
+        self.score_mean = self.score_mean + delta * (b / total)
+        within = (score - batch_mean[:, None]).pow(2).sum(-1)
+        self.score_m2 = self.score_m2 + within + delta.pow(2) * (self.n * b / total)
+        scale = values.abs().flatten(0, -2).sum(0)
+        bias = getattr(result, "bias", None)
+        if bias is not None:
+            scale = scale + bias.detach().double().abs()
+        self.scale = self.scale + (scale.mean() - self.scale) * (b / total)
+        self.n = total
+        return self
+
+    def result(self) -> Any:
+        """The summary result (see the class doc)."""
+        import dataclasses
+
+        first = self.first
+        means = {k: m[..., None].to(_per_prompt_tensors(first)[k].dtype) for k, m in self.means.items()}
+        std = (self.score_m2 / (self.n - 1)).sqrt() if self.n > 1 else torch.full_like(self.score_m2, math.nan)
+        extra = {**first.extra, **{k: v for (where, k), v in means.items() if where == "extra"},
+                 "n_prompts": self.n, "scale": float(self.scale), "std": std}
+        return dataclasses.replace(first, **{k: v for (where, k), v in means.items() if where == ""}, extra=extra)
+
+
+def summarise(result: Any) -> Any:
+    """A per-prompt result as its `Running` summary (mean, std and count over its prompts)."""
+    return Running().add(result).result()
 
 
 def stream_pairs(fn: Callable[..., Any], model: Any, clean: Any, corrupted: Any, metric: Any, *, chunk: int | None,
                  show_progress: bool, attention_mask: Any = None, corrupted_attention_mask: Any = None,
-                 **kwargs: Any) -> Any:
+                 per_prompt: bool = True, **kwargs: Any) -> Any:
     """``fn(model, clean, corrupted, metric, **kwargs)`` (a patching-style function) over batches of ``chunk``
-    prompt pairs (a DataLoader's own batches when ``clean`` is one), joined."""
+    prompt pairs (a DataLoader's own batches when ``clean`` is one), joined (or summarised: ``per_prompt``)."""
     from .backends import get_backend
 
     parts = batches(get_backend(model), clean, chunk, corrupted=corrupted, mask=attention_mask,
@@ -215,7 +311,7 @@ def stream_pairs(fn: Callable[..., Any], model: Any, clean: Any, corrupted: Any,
         return fn(model, p["inputs"][0], p["corrupted"][0], p["metric"], attention_mask=p["inputs"][1],
                   corrupted_attention_mask=p["corrupted"][1], **kwargs)
 
-    return run_batches(call, parts, show_progress, getattr(fn, "__name__", "batches"))
+    return run_batches(call, parts, show_progress, getattr(fn, "__name__", "batches"), per_prompt)
 
 
 def to_cpu(result: Any) -> Any:

@@ -60,6 +60,8 @@ TESTS = {
     "graph.py": ["tests/test_circuits.py", "tests/test_backends.py"],
     "faithfulness.py": ["tests/test_circuits.py"],
     "circuits.py": ["tests/test_circuits.py", "tests/test_streaming.py"],
+    "streaming.py": ["tests/test_streaming.py", "tests/test_mutants.py", "tests/test_patching.py",
+                     "tests/test_circuits.py", "tests/test_dla.py"],
     "backends/__init__.py": ["tests/test_backends.py", "tests/test_mutants.py", "tests/test_dla.py",
                              "tests/test_patching.py", "tests/test_circuits.py", "tests/test_lens.py"],
     "backends/hf.py": ["tests/test_backends.py", "tests/test_mutants.py", "tests/test_dla.py", "tests/test_loaders.py",

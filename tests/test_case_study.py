@@ -64,6 +64,12 @@ def test_bad_sizes(free64, kwargs, message):
         induction_pairs(free64, **kwargs)
 
 
+@pytest.mark.parametrize("patch_top", [-3, 2.5, True])
+def test_bad_patch_top_is_named_before_any_work(free64, patch_top):
+    with pytest.raises(LNFreeError, match=f"patch_top={patch_top!r} must be an integer >= 0"):
+        induction_case_study(free64, n_prompts=2, seq_len=4, patch_top=patch_top)
+
+
 def test_metric_refuses_another_batch(free64):
     _, _, metric = induction_pairs(free64, n_prompts=2, seq_len=4)
     with pytest.raises(LNFreeError, match="2 prompts"):

@@ -149,3 +149,129 @@ def test_streams_found_wrong_by_a_new_user():
     column = datasets.Dataset.from_dict({"text": clean})["text"]
     got = L.direct_logit_attribution(model, column, " be", " go")
     assert (got.values - L.direct_logit_attribution(model, clean, " be", " go").values).abs().max() == 0
+
+
+def test_summaries_equal_the_mean_and_std_of_the_per_prompt_values(models):
+    """per_prompt=False keeps the mean, std and count over prompts (Running), equal to those of the per-prompt
+    call (float64, 1e-10) for every entry point, streamed (uneven last batch) or in one batch."""
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size)
+    ld = logit_diff(answer, 9)
+    for fn, args, kw in (
+        (L.direct_logit_attribution, (clean, answer, 9), {}),
+        (L.direct_logit_attribution, (clean, answer, 9), {"by": "neuron", "top_k": 3}),  # one batch: top_k allowed
+        (L.direct_effect, (clean, answer, 9), {"ablation": corrupted}),
+        (L.direct_effect, (clean, answer, 9), {"ablation": "mean"}),  # one batch: the mean over all prompts
+        (L.attribution_patching, (clean, corrupted, ld), {"per_position": True}),
+        (L.activation_patching, (clean, corrupted, ld), {"nodes": "mlp_out"}),
+        (L.edge_attribution, (clean, corrupted, ld), {}),
+        (L.edge_attribution, (clean, corrupted, ld), {"per_position": True, "method": "eap-ig", "steps": 2}),
+        (L.edge_patching, (clean, corrupted, ld), {"edges": ["L0H1->logits", "embed->L1H0.q"]}),
+    ):
+        one = fn(model, *args, progress=False, **kw)
+        values = one.values.double()
+        score = values.sum(1) if values.ndim > 2 else values
+        streams = [{}] if "top_k" in kw or kw.get("ablation") == "mean" else [{}, {"batch_size": 3}]
+        for extra in streams:
+            s = fn(model, *args, progress=False, per_prompt=False, **kw, **extra)
+            name = f"{fn.__name__} {kw} {extra}"
+            assert type(s) is type(one) and not s.per_prompt and one.per_prompt, name
+            assert s.n_prompts == one.n_prompts == 7 and s.values.shape == (*one.values.shape[:-1], 1), name
+            assert (s.values[..., 0] - one.values.mean(-1)).abs().max() <= 1e-10, name
+            assert (s.metric - one.metric.mean()).abs().max() <= 1e-10, name
+            assert (s.extra["std"] - score.std(-1)).abs().max() <= 1e-10, name
+            assert s.mean().shape == one.mean().shape and torch.allclose(s.mean(), one.mean(), rtol=0, atol=1e-10)
+            for key in ("metric_clean", "metric_corrupted"):
+                if key in one.extra:
+                    assert (s.extra[key] - one.extra[key].mean()).abs().max() <= 1e-10, name
+            if getattr(one, "direct", None) is not None:
+                assert (s.direct[..., 0] - one.direct.mean(-1)).abs().max() <= 1e-10, name
+            if getattr(one, "bias", None) is not None:
+                assert (s.bias - one.bias.mean()).abs().max() <= 1e-10, name
+                s.assert_exact()  # components of the means sum to the mean metric
+                scale = (values.abs().sum(0) + one.bias.double().abs()).mean()
+                assert abs(s.extra["scale"] - float(scale)) <= 1e-10, name
+
+
+def test_summaries_read_like_results_and_refuse_what_needs_prompts(models):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size)
+    one = L.direct_logit_attribution(model, clean, answer, 9)
+    s = L.direct_logit_attribution(model, clean, answer, 9, batch_size=2, per_prompt=False, progress=False)
+    table, ref = s.top(4), one.top(4)
+    assert list(table["component"]) == list(ref["component"])
+    assert max(abs(a - b) for a, b in zip(table["std"], ref["std"])) <= 1e-10  # the std of 7 prompts, not of 1
+    frame = s.to_dataframe()
+    assert set(frame["prompt"]) == {"mean of 7"} and len(frame) == len(s.labels) + 1  # + the unembed_bias row
+    from lnfree_interp.figures import default_title
+
+    assert "mean over 7 prompts" in repr(s) and "mean over 7 prompts" in default_title(s)
+    assert torch.allclose(s.head_matrix(), one.head_matrix(), rtol=0, atol=1e-10, equal_nan=True)
+    ld = logit_diff(answer, 9)
+    atp = L.attribution_patching(model, clean, corrupted, ld, per_position=False)
+    act = L.activation_patching(model, clean, corrupted, ld, progress=False)
+    atp_s = L.attribution_patching(model, clean, corrupted, ld, per_position=False, per_prompt=False)
+    with pytest.raises(LNFreeError, match="atp_result holds only a mean over prompts"):
+        L.compare_attribution(atp_s, act)
+    with pytest.raises(LNFreeError, match="act_result holds only a mean"):
+        L.compare_attribution(atp, L.activation_patching(model, clean, corrupted, ld, per_prompt=False, progress=False))
+    eap = L.edge_attribution(model, clean, corrupted, ld, batch_size=4, per_prompt=False, progress=False)
+    eap_one = L.edge_attribution(model, clean, corrupted, ld)
+    assert eap.top_edges(10) == eap_one.top_edges(10) and "the mean over 7 prompts" in repr(eap)
+    with pytest.raises(LNFreeError, match="holds only a mean"):
+        L.compare_attribution(eap, L.edge_patching(model, clean, corrupted, ld, edges=eap.edges[:3], progress=False))
+    single = L.direct_logit_attribution(model, clean[:1], answer[0], 9, per_prompt=False)
+    assert single.n_prompts == 1 and torch.isnan(single.extra["std"]).all() and "std" not in single.top(3)
+
+
+def test_summary_memory_does_not_grow_with_prompts(models):
+    """What a summary holds (and what streaming keeps between batches) is one prompt's worth, whatever N."""
+    from lnfree_interp.streaming import Running
+
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size, n=24)
+    sizes = set()
+    for n in (6, 24):
+        s = L.edge_attribution(model, clean[:n], corrupted[:n], logit_diff(answer[:n], 9), batch_size=3,
+                               per_prompt=False, progress=False)
+        sizes.add(sum(v.numel() for v in [s.values, s.metric, *(x for x in s.extra.values() if torch.is_tensor(x))]))
+    assert len(sizes) == 1
+    running = Running()
+    for start in range(0, 24, 5):  # batches of 5, 5, 5, 5, 4
+        running.add(L.direct_logit_attribution(model, clean[start:start + 5], answer[start:start + 5], 9))
+        assert running.means[("", "values")].shape == (14,) and running.first.values.shape[-1] == 5  # 2 layers
+    assert running.n == 24
+
+
+def test_summary_exactness_is_measured_against_the_prompts_scale():
+    """Components that cancel across prompts leave a tiny mean: assert_exact measures a summary's rounding
+    against the mean of each prompt's sum |values| + |bias| (what each prompt's rounding scales with)."""
+    from lnfree_interp.results import AttributionResult
+    from lnfree_interp.streaming import summarise
+
+    values = torch.tensor([[1000.0, -1000.0], [-999.0, 999.0]], dtype=torch.float32)  # [component, prompt]
+    metric = values.sum(0) + torch.tensor([4e-3, 4e-3])  # float32 rounding of a 2e3 scale: 2e-6 relative
+    r = AttributionResult(values, ["L0H0", "L0H1"], metric, "dla", n_layers=1, n_heads=2, exact=True)
+    r.assert_exact()
+    s = summarise(r)
+    assert abs(s.extra["scale"] - 1999.0) <= 1e-9 and float(s.values.abs().sum()) <= 1e-3
+    s.assert_exact()  # 4e-3 of a mean of 1e-3 would fail without the prompts' scale
+    with pytest.raises(LNFreeError, match="already a summary"):  # a mean is not one prompt's values
+        summarise(s)
+    bad = summarise(AttributionResult(values, ["L0H0", "L0H1"], metric + 1.0, "dla", n_layers=1, n_heads=2,
+                                      exact=True))
+    with pytest.raises(LNFreeError, match="sum to the metric only within"):
+        bad.assert_exact()
+
+
+def test_summaries_of_varying_widths_are_refused(models):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    vocab = models["schaeff"].config.vocab_size
+    a, b = torch.randint(0, vocab, (2, 6)), torch.randint(0, vocab, (2, 9))
+    pairs = DataLoader([(a, a.flip(1)), (b, b.flip(1))], batch_size=None)
+    with pytest.raises(LNFreeError, match="padded to one width"):
+        L.attribution_patching(model, pairs, None, logit_diff(5, 9), per_prompt=False, progress=False)
+    summed = L.attribution_patching(model, pairs, None, logit_diff(5, 9), per_position=False, per_prompt=False,
+                                    progress=False)
+    joined = L.attribution_patching(model, pairs, None, logit_diff(5, 9), per_position=False, progress=False)
+    assert summed.n_prompts == 4 and (summed.values[:, 0] - joined.values.mean(-1)).abs().max() <= 1e-10
