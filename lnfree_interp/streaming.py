@@ -16,7 +16,6 @@ effect; functions with a fixed metric refuse them rather than ignore them).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Iterator
 from itertools import zip_longest
@@ -55,33 +54,24 @@ def _as_list(x: Any) -> Any:
 
 
 def per_prompt_count(arg: Any) -> int | None:
-    """How many per-prompt values ``arg`` holds (a list, tuple or array of more than one), else ``None``."""
-    if isinstance(arg, (str, bytes)) or arg is None:
-        return None
-    if isinstance(arg, Tensor):
-        return int(arg.shape[0]) if arg.ndim >= 1 and arg.shape[0] > 1 else None
-    if isinstance(arg, (list, tuple)) or (hasattr(arg, "__array__") and getattr(arg, "ndim", 0) >= 1):
+    """How many per-prompt values ``arg`` holds (a list, tuple, tensor or array of more than one), else ``None``
+    (one value shared by every prompt: a number, a string, a 0-d tensor, a sequence of one)."""
+    if isinstance(arg, (list, tuple)) or getattr(arg, "ndim", 0) >= 1:
         return len(arg) if len(arg) > 1 else None
     return None
 
 
 def take(arg: Any, start: int, stop: int, n: int) -> Any:
     """``arg[start:stop]`` if it is a per-prompt value (a sequence or tensor of length ``n``), else ``arg``."""
-    if hasattr(arg, "take") and not isinstance(arg, Tensor):  # a metric with per-prompt tokens
+    if callable(arg) and hasattr(arg, "take"):  # a metric with per-prompt tokens (numpy arrays have .take too)
         return arg.take(start, stop, n)
-    if isinstance(arg, str) or arg is None:
-        return arg
     count = per_prompt_count(arg)
-    if count is not None and count != n:
+    if count is None:
+        return arg
+    if count != n:
         raise LNFreeError(f"{count} per-prompt values (answer, wrong, pos or a metric's tokens) for {n} prompts: give "
                           "one value for all prompts or one per prompt.")
-    if isinstance(arg, Tensor) and arg.ndim >= 1 and arg.shape[0] == n:
-        return arg[start:stop]
-    if isinstance(arg, (list, tuple)) and len(arg) == n and n > 1:
-        return list(arg[start:stop])
-    if hasattr(arg, "__array__") and getattr(arg, "ndim", 0) >= 1 and len(arg) == n:
-        return arg[start:stop]
-    return arg
+    return list(arg[start:stop]) if isinstance(arg, (list, tuple)) else arg[start:stop]
 
 
 def _tokens(backend: Any, x: Any, mask: Any) -> tuple[Tensor, Tensor]:
@@ -193,7 +183,7 @@ def batches(backend: Any, inputs: Any, batch_size: int | None, *, corrupted: Any
 
 
 def run_batches(call: Callable[[dict[str, Any]], Any], parts: Iterator[dict[str, Any]], progress: bool,
-                desc: str, per_prompt: bool = True) -> Any:
+                desc: str, per_prompt: bool) -> Any:
     """``call`` on every batch (with a tqdm bar), results joined along the batch axis on the CPU, or with
     ``per_prompt=False`` folded into a `Running` summary as they come (memory flat in N)."""
     from tqdm.auto import tqdm
@@ -254,7 +244,7 @@ class Running:
         if self.first is None:
             self.first, self.means = result, {k: torch.zeros(v.shape[:-1], dtype=torch.float64)
                                               for k, v in tensors.items()}
-            self.score_mean = self.score_m2 = torch.zeros(result.values.shape[:1], dtype=torch.float64)
+            self.score_mean = self.score_m2 = torch.zeros(result.values.shape[0], dtype=torch.float64)
         else:
             keys = getattr(result, "labels", None), getattr(self.first, "labels", None)
             shapes = {k: (tuple(v.shape[:-1]), tuple(self.means[k].shape) if k in self.means else None)
@@ -265,13 +255,13 @@ class Running:
                                   "to one width (pass a list or a token tensor, not a DataLoader of varying widths).")
         total = self.n + b
         for key, value in tensors.items():
-            self.means[key] += (value.detach().double().mean(-1) - self.means[key]) * (b / total)
+            self.means[key] += (value.detach().double().mean(-1) - self.means[key]) * (b / total)  # batch: last
         values = result.values.detach().double()
         score = values.sum(1) if values.ndim > 2 else values  # [component, batch]
-        batch_mean = score.mean(-1)
+        batch_mean = score.mean(1)
         delta = batch_mean - self.score_mean
         self.score_mean = self.score_mean + delta * (b / total)
-        within = (score - batch_mean[:, None]).pow(2).sum(-1)
+        within = (score - batch_mean[:, None]).pow(2).sum(1)
         self.score_m2 = self.score_m2 + within + delta.pow(2) * (self.n * b / total)
         scale = values.abs().flatten(0, -2).sum(0)
         bias = getattr(result, "bias", None)
@@ -287,7 +277,7 @@ class Running:
 
         first = self.first
         means = {k: m[..., None].to(_per_prompt_tensors(first)[k].dtype) for k, m in self.means.items()}
-        std = (self.score_m2 / (self.n - 1)).sqrt() if self.n > 1 else torch.full_like(self.score_m2, math.nan)
+        std = (self.score_m2 / (self.n - 1)).sqrt()  # one prompt: 0 / 0 = NaN
         extra = {**first.extra, **{k: v for (where, k), v in means.items() if where == "extra"},
                  "n_prompts": self.n, "scale": float(self.scale), "std": std}
         return dataclasses.replace(first, **{k: v for (where, k), v in means.items() if where == ""}, extra=extra)
@@ -300,7 +290,7 @@ def summarise(result: Any) -> Any:
 
 def stream_pairs(fn: Callable[..., Any], model: Any, clean: Any, corrupted: Any, metric: Any, *, chunk: int | None,
                  show_progress: bool, attention_mask: Any = None, corrupted_attention_mask: Any = None,
-                 per_prompt: bool = True, **kwargs: Any) -> Any:
+                 per_prompt: bool, **kwargs: Any) -> Any:
     """``fn(model, clean, corrupted, metric, **kwargs)`` (a patching-style function) over batches of ``chunk``
     prompt pairs (a DataLoader's own batches when ``clean`` is one), joined (or summarised: ``per_prompt``)."""
     from .backends import get_backend
@@ -337,8 +327,6 @@ def concat(results: list[Any]) -> Any:
     import dataclasses
 
     first = results[0]
-    if len(results) == 1:
-        return first
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(first):
         values = [getattr(r, f.name) for r in results]

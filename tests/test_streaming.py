@@ -275,3 +275,84 @@ def test_summaries_of_varying_widths_are_refused(models):
                                     progress=False)
     joined = L.attribution_patching(model, pairs, None, logit_diff(5, 9), per_position=False, progress=False)
     assert summed.n_prompts == 4 and (summed.values[:, 0] - joined.values.mean(-1)).abs().max() <= 1e-10
+
+
+def test_per_prompt_arguments_of_every_kind_are_cut_or_shared(models):
+    """answer / wrong / pos as a list, tuple, tensor or numpy array of one per prompt are cut with the prompts;
+    a number, a string, a 0-d tensor or a sequence of one is shared by every prompt (streamed = one batch)."""
+    import numpy as np
+
+    from lnfree_interp.streaming import per_prompt_count, take
+
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, _, answer = _data(models["schaeff"].config.vocab_size)
+    ref = L.direct_logit_attribution(model, clean, answer, 9)
+    for per in (answer, tuple(answer), torch.tensor(answer), np.array(answer)):
+        got = L.direct_logit_attribution(model, clean, per, 9, batch_size=3, progress=False)
+        assert (got.values - ref.values).abs().max() <= 1e-10, type(per)
+    shared = L.direct_logit_attribution(model, clean, 5, 9)
+    for one in ([5], (5,), torch.tensor(5), torch.tensor([5]), np.array([5])):
+        got = L.direct_logit_attribution(model, clean, one, 9, batch_size=3, progress=False)
+        assert (got.values - shared.values).abs().max() <= 1e-10, one
+    positions = [-1, -2, -3, -1, -2, -3, -1]
+    by_pos = L.direct_logit_attribution(model, clean, 5, 9, pos=positions)
+    got = L.direct_logit_attribution(model, clean, 5, 9, pos=np.array(positions), batch_size=3, progress=False)
+    assert (got.values - by_pos.values).abs().max() <= 1e-10
+    assert [per_prompt_count(x) for x in ("abc", b"ab", None, 3, [1], [1, 2], torch.zeros(()), torch.zeros(4),
+                                          np.zeros(3), np.float64(2.0))] == [None, None, None, None, None, 2, None, 4,
+                                                                             3, None]
+    assert take([1, 2, 3], 1, 3, 3) == [2, 3] and take((1, 2, 3), 0, 1, 3) == [1]
+    assert take(torch.arange(4), 1, 3, 4).tolist() == [1, 2] and take(np.arange(4), 2, 4, 4).tolist() == [2, 3]
+    assert take("abc", 0, 1, 3) == "abc" and take([7], 0, 1, 3) == [7] and take(None, 0, 1, 3) is None
+    with pytest.raises(LNFreeError, match="2 per-prompt values .* for 3 prompts"):
+        take(torch.arange(2), 0, 1, 3)
+
+
+def test_loader_batches_of_every_kind(models, tokenizer):
+    model = L.load_hf(models["schaeff"], dtype=torch.float64, tokenizer=tokenizer)
+    texts = ["the cat sat", "a dog ran off", "one more", "and the last one"]
+    ref = L.direct_logit_attribution(model, texts, 5, 9)
+    for loader in (DataLoader(texts, batch_size=3), DataLoader([{"text": t} for t in texts], batch_size=3)):
+        got = L.direct_logit_attribution(model, loader, 5, 9, progress=False)
+        assert (got.values - ref.values).abs().max() <= 1e-10
+    with pytest.raises(LNFreeError, match="Cannot read inputs of type set"):  # unordered: refused, not listed
+        L.direct_logit_attribution(model, set(texts), 5, 9, batch_size=2, progress=False)
+    # a DataLoader's pos key is read when the call leaves pos at its default; a clash is refused
+    clean, _, answer = _data(models["schaeff"].config.vocab_size, n=4)
+    pos = [-1, -2, -3, -4]
+    keyed = DataLoader([{"input_ids": c, "pos": p} for c, p in zip(clean, pos)], batch_size=2)
+    got = L.direct_logit_attribution(model, keyed, 5, 9, progress=False)
+    assert (got.values - L.direct_logit_attribution(model, clean, 5, 9, pos=pos).values).abs().max() <= 1e-10
+    with pytest.raises(LNFreeError, match="carry .'pos'. and the call gives pos=-2"):
+        L.direct_logit_attribution(model, keyed, 5, 9, pos=-2, progress=False)
+    # two loaders of different lengths part at a batch
+    with pytest.raises(LNFreeError, match="part at batch 2"):
+        L.attribution_patching(model, DataLoader(list(clean), batch_size=1), DataLoader(list(clean[:2]), batch_size=1),
+                               logit_diff(5, 9), progress=False)
+
+
+def test_joined_and_summarised_extras_and_components():
+    """The per-prompt extras (metric_clean, metric_corrupted) are joined / averaged like the values; results
+    with other components are refused (both a bug upstream, never a silent mix)."""
+    from lnfree_interp.results import AttributionResult
+    from lnfree_interp.streaming import Running, concat
+
+    def result(values, labels=("L0H0", "L0H1")):
+        values = torch.tensor(values, dtype=torch.float64)
+        return AttributionResult(values, list(labels), values.sum(0), "atp", n_layers=1, n_heads=2,
+                                 extra={"metric_clean": values[0] * 2, "metric_corrupted": values[1] * 3,
+                                        "backend": "hf"})
+
+    a, b = result([[1.0, 2.0], [3.0, 4.0]]), result([[5.0], [6.0]])
+    joined = concat([a, b])
+    assert joined.extra["metric_clean"].tolist() == [2.0, 4.0, 10.0] and joined.extra["backend"] == "hf"
+    assert joined.extra["metric_corrupted"].tolist() == [9.0, 12.0, 18.0] and joined.metric.tolist() == [4, 6, 11]
+    s = Running().add(a).add(b).result()
+    assert s.extra["metric_clean"].tolist() == [16 / 3] and s.extra["metric_corrupted"].tolist() == [13.0]
+    assert s.values[:, 0].tolist() == [8 / 3, 13 / 3] and s.metric.tolist() == [7.0] and s.n_prompts == 3
+    assert torch.allclose(s.extra["std"], joined.values.std(1), rtol=0, atol=1e-12)
+    other = result([[5.0], [6.0]], labels=("L0H0", "L0H2"))
+    with pytest.raises(LNFreeError, match="different components"):
+        concat([a, other])
+    with pytest.raises(LNFreeError, match="different shapes"):
+        Running().add(a).add(other)
