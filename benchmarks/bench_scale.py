@@ -9,7 +9,10 @@ N prompts x 64 random tokens for each N in ``--ns`` (default 512 2048 8192), str
 * ``forward``: the batched plain forwards over all N prompts (``model(tokens[i:i+batch])``, no grad);
 * ``DLA``: ``direct_logit_attribution(model, tokens, answer, wrong, batch_size=batch)``;
 * ``AtP``: ``attribution_patching(model, tokens, corrupted, logit_diff(...), per_position=False,
-  batch_size=batch)``.
+  batch_size=batch)``;
+* with ``--methods ... EAP "EAP summary"``: ``edge_attribution(..., batch_size=batch)`` keeping every prompt's
+  edge scores, and with ``per_prompt=False`` (mean, std and count only): the memory the per-prompt values
+  cost (GPT-2 small: 32,491 edges x 4 bytes a prompt) and that the summary does not grow with N.
 
 Each (method, N) is timed in this process, methods alternating per N, with the extra peak RSS over the
 RSS before the call (kernel high-water mark; see ``_common.peak_rss``). Printed: time per method and N,
@@ -20,12 +23,14 @@ memory against N is written to ``--out`` (default ``bench_scale.png``).
     python benchmarks/bench_scale.py                # GPT-2 small, N up to 8192: ~2.5 h on 2 CPU cores
     python benchmarks/bench_scale.py --ns 512 2048  # 36 min there
     python benchmarks/bench_scale.py --shape tiny --ns 64 256 1024
+    python benchmarks/bench_scale.py --shape tiny --ns 512 2048 8192 --methods forward EAP "EAP summary"
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import _common as C
 
@@ -38,6 +43,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_scale.png")
+    ap.add_argument("--methods", nargs="+", default=["forward", "DLA", "AtP"],
+                    choices=["forward", "DLA", "AtP", "EAP", "EAP summary"],
+                    help="what to run (forward is the reference of the ratios and always runs)")
     args = ap.parse_args()
     C.setup(args.threads)
     import torch
@@ -48,7 +56,8 @@ def main() -> None:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     rows = []
-    results: dict[str, dict[int, tuple[float, float]]] = {"forward": {}, "DLA": {}, "AtP": {}}
+    methods = ["forward"] + [m for m in dict.fromkeys(args.methods) if m != "forward"]
+    results: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in methods}
     for n in args.ns:
         tokens = torch.randint(0, vocab, (n, args.seq), generator=gen)
         corrupted = tokens.clone()
@@ -67,16 +76,22 @@ def main() -> None:
             return L.attribution_patching(model, tokens, corrupted, L.logit_diff(answer, wrong), per_position=False,
                                           batch_size=args.batch, progress=False)
 
-        for name, fn in (("forward", forward), ("DLA", dla), ("AtP", atp)):
+        def eap(tokens=tokens, corrupted=corrupted, answer=answer, wrong=wrong, per_prompt=True):
+            return L.edge_attribution(model, tokens, corrupted, L.logit_diff(answer, wrong), batch_size=args.batch,
+                                      per_prompt=per_prompt, progress=False)
+
+        fns = {"forward": forward, "DLA": dla, "AtP": atp, "EAP": eap, "EAP summary": partial(eap, per_prompt=False)}
+        for name in methods:
+            fn = fns[name]
             with C.peak_rss() as out:
                 t0 = time.perf_counter()
                 res = fn()
                 elapsed = time.perf_counter() - t0
                 del res
             results[name][n] = (elapsed, out[0].best)
-            print(f"N={n:6d} {name:8s} {elapsed:8.2f} s  extra peak {C.fmt_mb(out[0].best)}", flush=True)
+            print(f"N={n:6d} {name:12s} {elapsed:8.2f} s  extra peak {C.fmt_mb(out[0].best)}", flush=True)
     base_n = args.ns[0]
-    for name in ("forward", "DLA", "AtP"):
+    for name in methods:
         for n in args.ns:
             t, m = results[name][n]
             rows.append([name, n, f"{t:.2f}", f"{1000 * t / n:.2f}", C.fmt_x(t / results["forward"][n][0]),
@@ -90,7 +105,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("forward", "DLA", "AtP"):
+    for name in methods:
         a.plot(args.ns, [1000 * results[name][n][0] / n for n in args.ns], marker="o", label=name)
         b.plot(args.ns, [results[name][n][1] / C.MB for n in args.ns], marker="o", label=name)
     a.set(xlabel="prompts N", ylabel="time per prompt (ms)", title="time per prompt vs N (flat: time linear in N)")

@@ -108,7 +108,7 @@ def edge_attribution(
     if torch.is_inference_mode_enabled():
         raise LNFreeError("Edge attribution needs gradients, but torch.inference_mode() is active.")
     backend = get_backend(model)
-    if (streams := wants_stream(clean, batch_size)) or not per_prompt:
+    if (streams := wants_stream(clean, batch_size, per_prompt)) or not per_prompt:
         return stream_pairs(edge_attribution, model, clean, corrupted, metric, chunk=batch_size,
                             show_progress=progress and streams, attention_mask=attention_mask, per_prompt=per_prompt,
                             corrupted_attention_mask=corrupted_attention_mask, method=method, steps=steps,
@@ -231,6 +231,7 @@ def edge_patching(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LNFreeError(f"batch_size={batch_size!r} must be an integer >= 1.")
+    wants_stream(clean, batch_size, per_prompt)  # validates per_prompt
     backend = get_backend(model)
     graph = graph_of(backend)
     if isinstance(edges, (str, Edge)):

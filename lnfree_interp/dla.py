@@ -241,7 +241,7 @@ def direct_logit_attribution(
         LNFreeError: multi-token answer strings (naming the split), ids outside the vocabulary,
             ``pos`` outside a prompt, mismatched batch sizes, empty inputs, unsupported models.
     """
-    if (streams := wants_stream(inputs, batch_size)) or not per_prompt:
+    if (streams := wants_stream(inputs, batch_size, per_prompt)) or not per_prompt:
         if streams:
             _no_topk_stream(top_k)
         parts = batches(get_backend(model), inputs, batch_size, mask=attention_mask,
@@ -314,7 +314,7 @@ def direct_effect(
     if ablation is None or (isinstance(ablation, str) and ablation not in ("zero", "mean")):
         raise LNFreeError(f"ablation={ablation!r} is not 'zero' or 'mean'. For corrupted inputs pass a list of "
                           "strings or token ids [batch, pos] (one corrupted prompt: a one-element list).")
-    if (streams := wants_stream(inputs, batch_size)) or not per_prompt:
+    if (streams := wants_stream(inputs, batch_size, per_prompt)) or not per_prompt:
         if streams:
             _no_topk_stream(top_k)
         if streams and isinstance(ablation, str) and ablation == "mean":

@@ -86,7 +86,8 @@ class EdgeResult:
 
     def to_dataframe(self):
         """One row per edge: ``edge, writer, reader, reader_kind, writer_layer, reader_layer, mean, abs_mean, exact``
-        (the layers are NaN for ``embed`` and ``logits``, which have none)."""
+        and, over more than one prompt, ``std`` (over prompts, positions summed; a summary's ``extra["std"]``).
+        The layers are NaN for ``embed`` and ``logits``, which have none."""
         import pandas as pd
 
         score = self._score().detach().double().cpu()
@@ -94,7 +95,12 @@ class EdgeResult:
                  "writer_layer": e.writer.layer, "reader_layer": e.reader.layer, "mean": float(v),
                  "abs_mean": abs(float(v)), "exact": e.reader.kind in self.exact_readers}
                 for e, v in zip(self.edges, score)]
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if self.n_prompts > 1:
+            values = self.values.detach().double().cpu()
+            std = (values.sum(1) if values.ndim > 2 else values).std(-1) if self.per_prompt else self.extra["std"]
+            frame.insert(frame.columns.get_loc("abs_mean") + 1, "std", std.numpy())
+        return frame
 
     def top(self, k: int = 20):
         """The ``k`` largest edges by |batch-mean score| as a DataFrame.
@@ -154,7 +160,7 @@ class EdgeResult:
     def __repr__(self) -> str:
         shape = "x".join(str(s) for s in self.values.shape)
         exact = f", exact into {'/'.join(self.exact_readers)}" if self.exact_readers else ""
-        mean = "" if self.per_prompt else f", the mean over {self.n_prompts} prompts"
+        mean = "" if self.per_prompt else f", the mean over {self.n_prompts} prompt{'s' * (self.n_prompts != 1)}"
         return (f"EdgeResult({self.kind}, {len(self.edges)} edges, values {shape}{exact}{mean})\n"
                 f"{self.top(10).to_string()}")
 

@@ -170,14 +170,21 @@ def as_list(token: Any, what: str = "answer") -> list:
     Raises:
         LNFreeError: anything else (``None``, floats, a 2-D tensor...).
     """
-    if torch.is_tensor(token) or hasattr(token, "__array__"):
-        t = torch.as_tensor(token)
-        if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
-            raise LNFreeError(f"{what} must be one token id per prompt: got a {t.dtype} tensor of shape "
-                              f"{tuple(t.shape)}; pass integer ids of shape [batch] (or one id).")
-        items = t.reshape(-1).tolist()
-    elif isinstance(token, (list, tuple)):
-        items = list(token)
+    if torch.is_tensor(token) or hasattr(token, "__array__"):  # tensors, numpy arrays, pandas Series
+        import numpy as np
+
+        arr = token if torch.is_tensor(token) else np.array(token)  # a copy: pandas hands out read-only views
+        if isinstance(arr, np.ndarray) and arr.dtype.kind in "OUS" and arr.ndim <= 1:  # strings, one per prompt
+            items = arr.reshape(-1).tolist()
+        else:
+            t = torch.as_tensor(arr)
+            if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
+                raise LNFreeError(f"{what} must be one token id per prompt: got a {t.dtype} tensor of shape "
+                                  f"{tuple(t.shape)}; pass integer ids of shape [batch] (or one id).")
+            items = t.reshape(-1).tolist()
+    elif isinstance(token, (list, tuple)):  # 0-d integer tensors in a list read as their ids
+        items = [int(x) if torch.is_tensor(x) and x.ndim == 0 and not x.is_floating_point() and x.dtype != torch.bool
+                 else x for x in token]
     else:
         items = [token]
     for item in items:

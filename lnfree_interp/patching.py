@@ -110,7 +110,7 @@ def attribution_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
-    if (streams := wants_stream(clean, batch_size)) or not per_prompt:
+    if (streams := wants_stream(clean, batch_size, per_prompt)) or not per_prompt:
         return stream_pairs(attribution_patching, model, clean, corrupted, metric, chunk=batch_size,
                             show_progress=progress and streams, attention_mask=attention_mask,
                             corrupted_attention_mask=corrupted_attention_mask, per_prompt=per_prompt, nodes=nodes,
@@ -211,7 +211,7 @@ def activation_patching(
     backend = get_backend(model)
     if nodes not in NODE_HOOKS:
         raise LNFreeError(f"nodes={nodes!r}: use one of {list(NODE_HOOKS)}.")
-    wants_stream(clean, batch_size)  # validates
+    wants_stream(clean, batch_size, per_prompt)  # validates
     n_prompts = None if is_loader(clean) else prepare_count(backend, clean, attention_mask)
     if n_prompts is None or n_prompts > batch_size or not per_prompt:  # more prompts than rows per pass: stream
         return stream_pairs(activation_patching, model, clean, corrupted, metric, chunk=batch_size,
@@ -373,7 +373,8 @@ def compare_attribution(atp_result: AttributionResult, act_result: AttributionRe
     summaries = [name for name, r in (("atp_result", atp_result), ("act_result", act_result))
                  if not getattr(r, "per_prompt", True)]
     if summaries:
-        raise LNFreeError(f"{' and '.join(summaries)} holds only a mean over prompts (per_prompt=False): the "
+        raise LNFreeError(f"{' and '.join(summaries)} {'hold' if len(summaries) > 1 else 'holds'} only a mean over "
+                          "prompts (per_prompt=False): the "
                           "comparison pairs each prompt's values (errors normalised per prompt, a bootstrap over "
                           "prompts). Run both with per_prompt=True (the default).")
     if isinstance(atp_result, EdgeResult) or isinstance(act_result, EdgeResult):

@@ -97,13 +97,19 @@ class AttributionResult:
         max over the batch of sum |component| + |bias| (the scale floating-point rounding of a sum
         grows with; default 1e-10 in float64, 1e-5 in float32, 1e-2 in float16, 5e-2 in bfloat16:
         `TOLERANCE`). Relative to |metric| alone would fail
-        spuriously on a near-zero logit difference.
+        spuriously on a near-zero logit difference. The direct effect and activation patching are
+        measurements (ground truth by construction, no sum to check): they pass.
 
         Raises:
-            LNFreeError: the model has LayerNorm (DLA is then an approximation), or the sum is off.
+            LNFreeError: attribution patching (a first-order estimate, never exact); DLA of a model with
+                LayerNorm (an approximation); or a sum that is off.
         """
         from .errors import LNFreeError
 
+        if self.kind == "atp":
+            raise LNFreeError("Attribution patching is a first-order (gradient) estimate of activation patching, "
+                              "not exact on any model: measure its error with compare_attribution(atp_result, "
+                              "activation_patching(...)).")
         if not self.exact:
             raise LNFreeError("This attribution comes from a model with LayerNorm: DLA freezes the final "
                               "LayerNorm scale and is only an approximation of the direct effect. Use an "
@@ -236,7 +242,7 @@ class AttributionResult:
         shape = "x".join(str(s) for s in self.values.shape)
         head = f"AttributionResult(kind={self.kind!r}, values [{shape}], exact={self.exact})"
         if not self.per_prompt:
-            head += f"\n  the mean over {self.n_prompts} prompts (per_prompt=False)"
+            head += f"\n  the mean over {self.n_prompts} prompt{'s' * (self.n_prompts != 1)} (per_prompt=False)"
         return head + (f"\n  note: {self.note}" if self.note else "") + "\n" + self.top(5).to_string(index=False)
 
 

@@ -32,12 +32,15 @@ def is_loader(x: Any) -> bool:
     return isinstance(x, torch.utils.data.DataLoader)
 
 
-def wants_stream(inputs: Any, batch_size: Any) -> bool:
+def wants_stream(inputs: Any, batch_size: Any, per_prompt: Any) -> bool:
     """Whether a call streams: a ``batch_size`` was given or the inputs are a DataLoader.
 
     Raises:
-        LNFreeError: ``batch_size`` is not a positive integer.
+        LNFreeError: ``batch_size`` is not a positive integer, or ``per_prompt`` not a bool.
     """
+    if not isinstance(per_prompt, bool):  # "no", 0, None would pick a result's shape by truthiness
+        raise LNFreeError(f"per_prompt={per_prompt!r} must be True (every prompt's values) or False (their mean, "
+                          "std and count).")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                    or batch_size < 1):
         raise LNFreeError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch).")

@@ -356,3 +356,56 @@ def test_joined_and_summarised_extras_and_components():
         concat([a, other])
     with pytest.raises(LNFreeError, match="different shapes"):
         Running().add(a).add(other)
+
+
+def test_found_by_a_fresh_user_on_summaries(models, tokenizer):
+    """Fresh-user trial of per_prompt=False (2026-12-03): each of these was wrong or unclear."""
+    import numpy as np
+    import pandas as pd
+
+    model = L.load_hf(models["schaeff"], dtype=torch.float64, tokenizer=tokenizer)
+    clean, corrupted, answer = _data(models["schaeff"].config.vocab_size)
+    ld = logit_diff(answer, 9)
+    # 1. per_prompt is a bool: "no", 0 or None picked a result's shape by truthiness
+    for bad in ("no", "False", 0, None):
+        for call in (lambda: L.direct_logit_attribution(model, clean, 5, 9, per_prompt=bad),
+                     lambda: L.direct_effect(model, clean, 5, 9, per_prompt=bad),
+                     lambda: L.attribution_patching(model, clean, corrupted, ld, per_prompt=bad),
+                     lambda: L.activation_patching(model, clean, corrupted, ld, per_prompt=bad),
+                     lambda: L.edge_attribution(model, clean, corrupted, ld, per_prompt=bad),
+                     lambda: L.edge_patching(model, clean, corrupted, ld, edges=["L0H0->logits"], per_prompt=bad)):
+            with pytest.raises(LNFreeError, match=f"per_prompt={bad!r} must be True"):
+                call()
+    # 2. answers as numpy string arrays, pandas Series (of strings or ids) and lists of 0-d tensors
+    shakespeare = L.load_hf("tiny-shakespeare-lnfree", dtype=torch.float64)
+    texts = ["ROMEO:\nI will not", "KING:\nWhat", "JULIET:\nI am the"]
+    words = [" be", " go", " or"]
+    ref = L.direct_logit_attribution(shakespeare, texts, words, " the")
+    for per in (np.array(words), pd.Series(words)):
+        for kw in ({}, {"batch_size": 2, "progress": False}):
+            got = L.direct_logit_attribution(shakespeare, texts, per, " the", **kw)
+            assert (got.values - ref.values).abs().max() <= 1e-12, (type(per), kw)
+    ref_ids = L.direct_logit_attribution(model, clean, answer, 9)
+    for per in (pd.Series(answer), [torch.tensor(a) for a in answer]):
+        got = L.direct_logit_attribution(model, clean, per, 9)
+        assert (got.values - ref_ids.values).abs().max() <= 1e-12, type(per)
+    with pytest.raises(LNFreeError, match="one token id per prompt"):
+        L.direct_logit_attribution(model, clean, np.array([[1, 2]] * 7), 9)
+    # 3. assert_exact on attribution patching named LayerNorm on an LN-free model
+    with pytest.raises(LNFreeError, match="first-order .* not exact on any model"):
+        L.attribution_patching(model, clean, corrupted, ld).assert_exact()
+    # 4. edge tables show the std over prompts (per prompt and in a summary, the same)
+    eap = L.edge_attribution(model, clean, corrupted, ld)
+    summary = L.edge_attribution(model, clean, corrupted, ld, per_prompt=False)
+    a, b = eap.to_dataframe(), summary.to_dataframe()
+    assert list(a.columns) == list(b.columns) and "std" in a.columns
+    assert np.abs(a["std"].to_numpy() - b["std"].to_numpy()).max() <= 1e-10
+    assert np.abs(a["std"].to_numpy() - eap.values.std(-1).numpy()).max() <= 1e-12
+    assert "std" in summary.top(3).columns
+    one = L.edge_attribution(model, clean[:1], corrupted[:1], logit_diff(answer[0], 9), per_prompt=False)
+    assert "std" not in one.to_dataframe().columns and "the mean over 1 prompt)" in repr(one).splitlines()[0] + ")"
+    # 5. the refusal's grammar with two summaries
+    atp_s = L.attribution_patching(model, clean, corrupted, ld, per_prompt=False)
+    act_s = L.activation_patching(model, clean, corrupted, ld, per_prompt=False, progress=False)
+    with pytest.raises(LNFreeError, match="atp_result and act_result hold only a mean"):
+        L.compare_attribution(atp_s, act_s)
