@@ -174,8 +174,11 @@ def as_list(token: Any, what: str = "answer") -> list:
         import numpy as np
 
         arr = token if torch.is_tensor(token) else np.array(token)  # a copy: pandas hands out read-only views
-        if isinstance(arr, np.ndarray) and arr.dtype.kind in "OUS" and arr.ndim <= 1:  # strings, one per prompt
-            items = arr.reshape(-1).tolist()
+        if isinstance(arr, np.ndarray) and arr.dtype.kind in "OUS":  # strings: one per prompt, or one for all
+            if arr.ndim > 1:
+                raise LNFreeError(f"{what} must be one token per prompt: got an array of shape {arr.shape}; pass "
+                                  "a 1-D array (or one string).")
+            items = arr.tolist() if arr.ndim else [arr.item()]
         else:
             t = torch.as_tensor(arr)
             if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:

@@ -391,6 +391,11 @@ def test_found_by_a_fresh_user_on_summaries(models, tokenizer):
         assert (got.values - ref_ids.values).abs().max() <= 1e-12, type(per)
     with pytest.raises(LNFreeError, match="one token id per prompt"):
         L.direct_logit_attribution(model, clean, np.array([[1, 2]] * 7), 9)
+    with pytest.raises(LNFreeError, match=r"one token per prompt: got an array of shape \(1, 3\)"):
+        L.direct_logit_attribution(shakespeare, texts, np.array([words]), " the")
+    shared = L.direct_logit_attribution(shakespeare, texts, " be", " the")
+    got = L.direct_logit_attribution(shakespeare, texts, np.array(" be"), " the", batch_size=2, progress=False)
+    assert (got.values - shared.values).abs().max() <= 1e-12
     # 3. assert_exact on attribution patching named LayerNorm on an LN-free model
     with pytest.raises(LNFreeError, match="first-order .* not exact on any model"):
         L.attribution_patching(model, clean, corrupted, ld).assert_exact()
