@@ -96,9 +96,18 @@ def main() -> None:
             t, m = results[name][n]
             rows.append([name, n, f"{t:.2f}", f"{1000 * t / n:.2f}", C.fmt_x(t / results["forward"][n][0]),
                          C.fmt_mb(m), f"{m / max(results[name][base_n][1], 1):.2f}x"])
-    print(C.table(["method", "N", "time (s)", "ms / prompt", "/ forwards", "extra peak", f"peak / N={base_n}"],
+    print(C.table(["method", "N", "time (s)", "ms / prompt", "/ forwards", "extra peak (MB)", f"peak / N={base_n}"],
                   rows, title=f"{args.shape}, {args.seq} tokens, batch {args.batch}, {C.versions()}"))
-    print("goals: DLA <= 1.1x the batched forwards, AtP <= 3.5x; extra peak within 10% of N=512 (1.10x).")
+    goals = {"DLA": 1.1, "AtP": 3.5}  # the time goals, as multiples of the batched forwards
+    missed = [f"{name} {results[name][n][0] / results['forward'][n][0]:.2f}x > {goal}x at N={n}"
+              for name, goal in goals.items() if name in results for n in args.ns
+              if results[name][n][0] / results["forward"][n][0] > goal]
+    missed += [f"{name} extra peak {results[name][n][1] / max(results[name][base_n][1], 1):.2f}x at N={n}"
+               for name in methods if name != "EAP" for n in args.ns
+               if results[name][n][1] > 1.1 * max(results[name][base_n][1], 1)]
+    print(f"goals: DLA <= 1.1x the batched forwards, AtP <= 3.5x; extra peak within 10% of N={base_n} (1.10x; "
+          "EAP keeping every prompt's scores grows by design)")
+    print("goals missed: " + "; ".join(missed) if missed else "goals met")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +122,7 @@ def main() -> None:
     for ax in (a, b):
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
-        ax.legend()
+        ax.legend(loc="best", fontsize="small")
     fig.suptitle(f"Streaming attribution, {args.shape}, {args.seq} tokens/prompt, batch {args.batch}")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

@@ -140,9 +140,11 @@ def positions(pos: Any, mask: Tensor) -> Int[Tensor, "batch"]:
         LNFreeError: a position outside a prompt's real tokens, the wrong number of positions, or
             something that is not an int / ints.
     """
+    import numpy as np
+
     batch = mask.shape[0]
-    try:
-        pos_t = torch.as_tensor(pos)
+    try:  # numpy arrays and pandas Series (whose index torch would trip on) as plain arrays
+        pos_t = torch.as_tensor(np.array(pos) if hasattr(pos, "__array__") and not torch.is_tensor(pos) else pos)
     except (TypeError, ValueError, RuntimeError):
         pos_t = None
     if pos_t is None or pos_t.is_floating_point() or pos_t.dtype == torch.bool or pos_t.ndim > 1 or not pos_t.numel():

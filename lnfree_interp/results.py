@@ -52,7 +52,8 @@ class AttributionResult:
         n_layers: number of layers, for the layer x head heatmap.
         n_heads: number of heads per layer.
         extra: further per-kind data; a summary (``per_prompt=False``) holds ``n_prompts``, ``std``
-            (``[component]``, over prompts, positions summed) and ``scale``, and its per-prompt tensors
+            (``[component]``, over prompts, positions summed), for DLA ``max_sum_error`` and ``scale``
+            (see `streaming.Running`), and its per-prompt tensors
             (``values``, ``metric``, ``bias``...) hold the mean over prompts, ``[..., 1]``.
     """
 
@@ -118,12 +119,14 @@ class AttributionResult:
 
             dtype = self.values.dtype
             rtol = rtol if rtol is not None else (1e-10 if dtype == torch.float64 else TOLERANCE.get(dtype, 1e-5))
-            err = float((self.total() - self.metric).detach().abs().max())
-            scale = self.values.abs().flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.abs().sum(0)
-            if self.bias is not None:
-                scale = scale + self.bias.detach().abs()
-            # a summary's mean can be far smaller than the summands it averaged: use their mean scale
-            ref = max(float(scale.max()), float(self.metric.abs().max()), self.extra.get("scale", 0.0), 1e-30)
+            if self.per_prompt:
+                err = float((self.total() - self.metric).detach().abs().max())
+                scale = self.values.abs().flatten(0, -2).sum(0) if self.values.ndim > 2 else self.values.abs().sum(0)
+                if self.bias is not None:
+                    scale = scale + self.bias.detach().abs()
+                ref = max(float(scale.max()), float(self.metric.abs().max()), 1e-30)
+            else:  # a summary: the per-prompt figures recorded while streaming (its mean hides cancelling errors)
+                err, ref = self.extra["max_sum_error"], max(self.extra["scale"], 1e-30)
             if err > rtol * ref:
                 raise LNFreeError(f"DLA components sum to the metric only within {err:.3g} (relative "
                                   f"{err / ref:.3g} of the summands' scale > {rtol:g}).")

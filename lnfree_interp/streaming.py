@@ -216,21 +216,24 @@ def _per_prompt_tensors(result: Any) -> dict[tuple[str, str], Tensor]:
 
 class Running:
     """The mean over prompts of every per-prompt tensor of a result, the standard deviation over prompts
-    of each component's value (positions summed), and the mean of each prompt's ``sum |values| + |bias|``,
+    of each component's value (positions summed), and for DLA the figures its exactness check reads,
     updated batch by batch (the pairwise update of Chan, Golub & LeVeque 1979, float64 on the CPU), so
     that memory is one result's worth whatever the number of prompts.
 
     `result` gives the first batch's result with every per-prompt tensor replaced by its mean
     (``[..., 1]``, in the tensor's dtype) and ``extra["n_prompts"]``, ``extra["std"]`` (``[component]``,
-    float64, NaN for one prompt), ``extra["scale"]`` (what `AttributionResult.assert_exact` measures a
-    mean's rounding against).
+    float64, NaN for one prompt); for DLA (``kind="dla"``) also ``extra["max_sum_error"]`` and
+    ``extra["scale"]``, the largest ``|sum of components + bias - metric|`` and the largest summand scale
+    (``sum |values| + |bias|``, or ``|metric|``) over the prompts: what `AttributionResult.assert_exact`
+    checks on the per-prompt values, so a summary passes it exactly when the prompts would.
     """
 
     def __init__(self) -> None:
         self.n = 0
         self.first: Any = None
         self.means: dict[tuple[str, str], Tensor] = {}
-        self.score_mean = self.score_m2 = self.scale = torch.zeros(())
+        self.score_mean = self.score_m2 = torch.zeros(())
+        self.max_sum_error = self.scale = 0.0
 
     def add(self, result: Any) -> Running:
         """Fold in one batch's per-prompt result.
@@ -266,11 +269,12 @@ class Running:
         self.score_mean = self.score_mean + delta * (b / total)
         within = (score - batch_mean[:, None]).pow(2).sum(1)
         self.score_m2 = self.score_m2 + within + delta.pow(2) * (self.n * b / total)
-        scale = values.abs().flatten(0, -2).sum(0)
-        bias = getattr(result, "bias", None)
-        if bias is not None:
-            scale = scale + bias.detach().double().abs()
-        self.scale = self.scale + (scale.mean() - self.scale) * (b / total)
+        if result.kind == "dla":  # keep what assert_exact checks per prompt (a mean can hide cancelling errors)
+            bias = torch.zeros(b, dtype=torch.float64) if result.bias is None else result.bias.detach().double()
+            error = values.flatten(0, -2).sum(0) + bias - result.metric.detach().double()
+            scale = values.abs().flatten(0, -2).sum(0) + bias.abs()
+            self.max_sum_error = max(self.max_sum_error, float(error.abs().max()))
+            self.scale = max(self.scale, float(scale.max()), float(result.metric.detach().abs().max()))
         self.n = total
         return self
 
@@ -282,7 +286,9 @@ class Running:
         means = {k: m[..., None].to(_per_prompt_tensors(first)[k].dtype) for k, m in self.means.items()}
         std = (self.score_m2 / (self.n - 1)).sqrt()  # one prompt: 0 / 0 = NaN
         extra = {**first.extra, **{k: v for (where, k), v in means.items() if where == "extra"},
-                 "n_prompts": self.n, "scale": float(self.scale), "std": std}
+                 "n_prompts": self.n, "std": std}
+        if first.kind == "dla":
+            extra.update(max_sum_error=self.max_sum_error, scale=self.scale)
         return dataclasses.replace(first, **{k: v for (where, k), v in means.items() if where == ""}, extra=extra)
 
 

@@ -189,8 +189,9 @@ def test_summaries_equal_the_mean_and_std_of_the_per_prompt_values(models):
             if getattr(one, "bias", None) is not None:
                 assert (s.bias - one.bias.mean()).abs().max() <= 1e-10, name
                 s.assert_exact()  # components of the means sum to the mean metric
-                scale = (values.abs().sum(0) + one.bias.double().abs()).mean()
-                assert abs(s.extra["scale"] - float(scale)) <= 1e-10, name
+                scale = max(float((values.abs().flatten(0, -2).sum(0) + one.bias.double().abs()).max()),
+                            float(one.metric.abs().max()))
+                assert abs(s.extra["scale"] - scale) <= 1e-10, name
 
 
 def test_summaries_read_like_results_and_refuse_what_needs_prompts(models):
@@ -243,9 +244,11 @@ def test_summary_memory_does_not_grow_with_prompts(models):
     assert running.n == 24
 
 
-def test_summary_exactness_is_measured_against_the_prompts_scale():
-    """Components that cancel across prompts leave a tiny mean: assert_exact measures a summary's rounding
-    against the mean of each prompt's sum |values| + |bias| (what each prompt's rounding scales with)."""
+def test_summary_exactness_is_the_per_prompt_check(models):
+    """assert_exact on a DLA summary checks what it would on the per-prompt values (recorded while
+    streaming): errors that cancel across prompts, or a mean far smaller than its summands, change nothing."""
+    import dataclasses
+
     from lnfree_interp.results import AttributionResult
     from lnfree_interp.streaming import summarise
 
@@ -254,14 +257,36 @@ def test_summary_exactness_is_measured_against_the_prompts_scale():
     r = AttributionResult(values, ["L0H0", "L0H1"], metric, "dla", n_layers=1, n_heads=2, exact=True)
     r.assert_exact()
     s = summarise(r)
-    assert abs(s.extra["scale"] - 1999.0) <= 1e-9 and float(s.values.abs().sum()) <= 1e-3
-    s.assert_exact()  # 4e-3 of a mean of 1e-3 would fail without the prompts' scale
+    assert s.extra["scale"] == 1999.0 and abs(s.extra["max_sum_error"] - 4e-3) <= 1e-6
+    assert float(s.values.abs().sum()) <= 1e-3
+    s.assert_exact()  # 4e-3 against a mean of ~0 would fail: the prompts' scale is 1999
     with pytest.raises(LNFreeError, match="already a summary"):  # a mean is not one prompt's values
         summarise(s)
-    bad = summarise(AttributionResult(values, ["L0H0", "L0H1"], metric + 1.0, "dla", n_layers=1, n_heads=2,
-                                      exact=True))
-    with pytest.raises(LNFreeError, match="sum to the metric only within"):
-        bad.assert_exact()
+    # errors of +-1.8 on two prompts cancel in the mean: the summary must still fail, as the prompts do
+    model = L.load_hf(models["schaeff"], dtype=torch.float64)
+    clean, _, answer = _data(models["schaeff"].config.vocab_size, n=12)
+    dla = L.direct_logit_attribution(model, clean, answer, 9)
+    shifted = dla.values.clone()
+    shifted[0, 0] += 1.82
+    shifted[0, 1] -= 1.82
+    bad = dataclasses.replace(dla, values=shifted)
+    for result in (bad, summarise(bad)):
+        with pytest.raises(LNFreeError, match="sum to the metric only within 1.82"):
+            result.assert_exact()
+    # float32: an error within tolerance of the largest prompt's scale but not of the mean scale passes, as per prompt
+    dla32 = L.direct_logit_attribution(L.load_hf(models["schaeff"], dtype=torch.float32), clean, answer, 9)
+    scale = dla32.values.abs().sum(0) + dla32.bias.abs()
+    assert float(scale.max()) > 1.2 * float(scale.mean())  # the case needs prompts of unequal scale
+    nudged = dla32.values.clone()
+    nudged[0] += 0.8e-5 * float(scale.max())
+    ok = dataclasses.replace(dla32, values=nudged)
+    ok.assert_exact()
+    summarise(ok).assert_exact()
+    summary = L.direct_logit_attribution(model, clean, answer, 9, batch_size=5, per_prompt=False, progress=False)
+    total = dla.values.sum(0) + dla.bias
+    assert abs(summary.extra["max_sum_error"] - float((total - dla.metric).abs().max())) <= 1e-15
+    ref = max(float((dla.values.abs().sum(0) + dla.bias.abs()).max()), float(dla.metric.abs().max()))
+    assert summary.extra["scale"] == pytest.approx(ref, abs=1e-12)
 
 
 def test_summaries_of_varying_widths_are_refused(models):
@@ -389,6 +414,16 @@ def test_found_by_a_fresh_user_on_summaries(models, tokenizer):
     for per in (pd.Series(answer), [torch.tensor(a) for a in answer]):
         got = L.direct_logit_attribution(model, clean, per, 9)
         assert (got.values - ref_ids.values).abs().max() <= 1e-12, type(per)
+    pos = [3, 4, 5, 6, 7, -2, -1]  # pos as a Series (second trial), also with its own index and cut in batches
+    by_pos = L.direct_logit_attribution(model, clean, answer, 9, pos=pos)
+    for series in (pd.Series(pos), pd.Series(pos, index=range(10, 17))):
+        for kw in ({}, {"batch_size": 3, "progress": False}):
+            got = L.direct_logit_attribution(model, clean, answer, 9, pos=series, **kw)
+            assert (got.values - by_pos.values).abs().max() <= 1e-12, kw
+        atp = L.attribution_patching(model, clean, corrupted, logit_diff(answer, 9, pos=series), batch_size=3,
+                                     progress=False)
+        ref = L.attribution_patching(model, clean, corrupted, logit_diff(answer, 9, pos=pos))
+        assert (atp.values - ref.values).abs().max() <= 1e-12
     with pytest.raises(LNFreeError, match="one token id per prompt"):
         L.direct_logit_attribution(model, clean, np.array([[1, 2]] * 7), 9)
     with pytest.raises(LNFreeError, match=r"one token per prompt: got an array of shape \(1, 3\)"):
