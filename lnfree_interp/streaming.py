@@ -274,7 +274,8 @@ class Running:
             error = values.flatten(0, -2).sum(0) + bias - result.metric.detach().double()
             scale = values.abs().flatten(0, -2).sum(0) + bias.abs()
             self.max_sum_error = max(self.max_sum_error, float(error.abs().max()))
-            self.scale = max(self.scale, float(scale.max()), float(result.metric.detach().abs().max()))
+            metric = float(result.metric.detach().abs().max())  # pragma: no mutate (|metric| <= scale + error)
+            self.scale = max(self.scale, float(scale.max()), metric)
         self.n = total
         return self
 
